@@ -1,0 +1,44 @@
+"""Fleet configs: every shipped config loads; mistakes are one clear ConfigError naming the key."""
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_config
+from shared.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("fleet_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.large.name and cfg.small.name
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "large: {name: cifar_vgg19}\nsmall: {name: cifar_vgg11}\n"
+
+
+@pytest.mark.parametrize("text, match", [
+    (BASE + "catalog: {budget_metirc: params}\n", r"unknown key\(s\) budget_metirc"),
+    (BASE + "catalog: {budget_metric: watts}\n", "budget_metric must be one of"),
+    (BASE + "data: {image_size: big}\n", r"data.image_size: expected int"),
+    (BASE + "data: {calibration: {examples: 3}}\n", "CKA needs n > 3"),
+    ("small: {name: cifar_vgg11}\n", "large.name is required"),
+    (BASE + "fleet: {devices: [{id: 'a/b', memory_mb: 10}]}\n", "MQTT topic level"),
+    (BASE + "fleet: {devices: [{id: a, memory_mb: 10}, {id: a, memory_mb: 5}]}\n", "unique"),
+    (BASE + "large: [1, 2\n", "not valid YAML"),
+])
+def test_bad_configs_name_the_problem(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
