@@ -1,0 +1,235 @@
+"""Stitching layers between two models' blocks, and the stitched model (front -> stitch -> behind).
+
+Every boundary kind goes through one path: the source activation becomes a grid (N, C, H, W) plus its prefix
+(class/distillation) tokens, the grid is resized to the destination grid by a fixed parameter-free op, a
+pointwise channel map projects C_in -> C_out, and the result is laid out as the destination expects. The paper's
+layers are special cases: CNN->CNN 1x1 conv, Transformer->Transformer linear, CNN->Transformer 2D conv then
+flatten to tokens, Transformer->CNN reshape then a pointwise map. Because resize and projection are both linear,
+the layer can be initialised by least squares on calibration activations (as SN-Net does) before training.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared.errors import IntegrityError
+from shared.specs import ActivationSpec
+
+MAX_LS_ROWS = 200_000  # rows of the least-squares problem; more are subsampled (deterministically)
+
+
+class StitchingLayer(nn.Module):
+    """Maps the front model's activation at the cut (`src`) to the input the behind model expects (`dst`)."""
+
+    def __init__(self, src: ActivationSpec, dst: ActivationSpec):
+        super().__init__()
+        if "logits" in (src.layout, dst.layout):
+            raise ValueError(f"cannot stitch at a classifier output ({src.layout} -> {dst.layout})")
+        self.src, self.dst = src, dst
+        cin, cout = src.channels, dst.channels
+        self.proj = nn.Conv2d(cin, cout, 1) if src.layout == "nchw" else nn.Linear(cin, cout)
+        p = dst.prefix_tokens if dst.layout == "tokens" else 0
+        # Same number of prefix tokens on both sides: they go through the same channel map as the grid.
+        self.shares_prefix = p > 0 and src.prefix_tokens == p
+        # Otherwise the destination's prefix tokens are predicted from the mean of the source grid.
+        self.prefix = nn.Linear(cin, p * cout) if p > 0 and not self.shares_prefix else None
+        # A CNN carries no position embedding; the behind transformer may rely on one.
+        h, w = dst.grid
+        self.pos_bias = nn.Parameter(torch.zeros(1, h * w, cout)) if self.kind == "cnn->tokens" else None
+
+    @property
+    def kind(self) -> str:
+        return f"{self.src.family_kind}->{self.dst.family_kind}"
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}: {self.src} -> {self.dst}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid, prefix = _to_grid(x, self.src)
+        mean = grid.mean(dim=(2, 3)) if self.prefix is not None else None
+        y = self._project(_resize(grid, self.dst.grid))
+        if self.dst.layout == "nchw":
+            return y
+        tokens = y.flatten(2).transpose(1, 2)  # (N, H*W, C_out)
+        if self.pos_bias is not None:
+            tokens = tokens + self.pos_bias
+        if self.dst.layout == "nhwc":
+            return tokens.reshape(y.shape[0], *self.dst.grid, y.shape[1]).contiguous()
+        if self.shares_prefix:
+            tokens = torch.cat([self.proj(prefix), tokens], dim=1)
+        elif self.prefix is not None:
+            tokens = torch.cat([self.prefix(mean).view(y.shape[0], -1, y.shape[1]), tokens], dim=1)
+        return tokens.contiguous()
+
+    def _project(self, grid: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.proj, nn.Conv2d):
+            return self.proj(grid)
+        return self.proj(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def init_least_squares(self, src_acts: torch.Tensor, dst_acts: torch.Tensor, ridge: float = 1e-4) -> float:
+        """Fit every weight by ridge-regularised least squares (float64); return ||pred - Y|| / ||Y||.
+
+        `src_acts` is the front model's output at the cut, `dst_acts` the behind model's input at its first used
+        block, for the same examples. `ridge` scales the mean diagonal of the centred Gram matrix (scale-free).
+        """
+        grid, prefix = _to_grid(src_acts.detach().to("cpu", torch.float64), self.src)
+        y_grid, y_prefix = _to_grid(dst_acts.detach().to("cpu", torch.float64), self.dst)
+        x_grid = _resize(grid, self.dst.grid)
+        cin, cout = self.src.channels, self.dst.channels
+        x_rows = x_grid.permute(0, 2, 3, 1).reshape(-1, cin)
+        y_rows = y_grid.permute(0, 2, 3, 1).reshape(-1, cout)
+        if self.shares_prefix:
+            x_fit = torch.cat([x_rows, prefix.reshape(-1, cin)])
+            y_fit = torch.cat([y_rows, y_prefix.reshape(-1, cout)])
+        else:
+            x_fit, y_fit = x_rows, y_rows
+        if self.pos_bias is None:
+            weight, bias = _ridge_fit(x_fit, y_fit, ridge)
+        else:
+            # Joint fit of the channel map and a bias per position: centre every position over the examples,
+            # fit the map on that, then the position bias is the mean residual per position.
+            x_pos, y_pos = x_rows.view(grid.shape[0], -1, cin), y_rows.view(grid.shape[0], -1, cout)
+            x_pos_mean, y_pos_mean = x_pos.mean(dim=0), y_pos.mean(dim=0)
+            weight, _ = _ridge_fit((x_pos - x_pos_mean).reshape(-1, cin), (y_pos - y_pos_mean).reshape(-1, cout),
+                                   ridge)
+            per_position = y_pos_mean - x_pos_mean @ weight.T
+            bias = per_position.mean(dim=0)
+            self.pos_bias.copy_((per_position - bias).unsqueeze(0))
+        self.proj.weight.copy_(weight.view_as(self.proj.weight))
+        self.proj.bias.copy_(bias)
+        if self.prefix is not None:
+            weight, bias = _ridge_fit(grid.mean(dim=(2, 3)), y_prefix.reshape(y_prefix.shape[0], -1), ridge)
+            self.prefix.weight.copy_(weight)
+            self.prefix.bias.copy_(bias)
+        param = self.proj.weight
+        pred = self(src_acts.to(param.device, param.dtype)).double()
+        target = dst_acts.to(param.device, torch.float64)
+        return float(torch.linalg.vector_norm(pred - target) / torch.linalg.vector_norm(target).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def init_random(self, seed: int) -> None:
+        """PyTorch's default Linear/Conv init (uniform, bound 1/sqrt(fan_in)) from `seed`, on any device."""
+        gen = torch.Generator().manual_seed(seed)
+        for layer in (self.proj, self.prefix):
+            if layer is not None:
+                bound = 1.0 / math.sqrt(self.src.channels)
+                for p in (layer.weight, layer.bias):
+                    p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
+        if self.pos_bias is not None:
+            self.pos_bias.zero_()
+
+
+def _to_grid(x: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An activation of layout `spec.layout` as a (N, C, H, W) grid plus its (N, P, C) prefix tokens (or None)."""
+    if spec.layout == "nchw":
+        return x, None
+    if spec.layout == "nhwc":
+        return x.permute(0, 3, 1, 2), None
+    p, (h, w) = spec.prefix_tokens, spec.grid
+    if x.dim() != 3 or x.shape[1] != p + h * w:
+        raise ValueError(f"expected tokens of shape (N, {p + h * w}, C) for {p} prefix tokens and a {h}x{w} grid, "
+                         f"got {tuple(x.shape)}")
+    grid = x[:, p:].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+    return grid, (x[:, :p] if p else None)
+
+
+def _resize(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average-pool when shrinking, bilinear when enlarging: fixed linear ops, no parameters."""
+    size = tuple(size)
+    if tuple(grid.shape[-2:]) == size:
+        return grid
+    if grid.shape[-2] >= size[0] and grid.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(grid, size)
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+
+def _ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C_out, C_in), bias) minimising ||x W^T + b - y||^2 + lam ||W||^2; the bias is not penalised."""
+    if x.shape[0] > MAX_LS_ROWS:
+        rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_LS_ROWS]
+        x, y = x[rows], y[rows]
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    lam = ridge * gram.diagonal().mean() + 1e-12  # the floor keeps a constant input solvable
+    weight = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc).T
+    return weight, y_mean - weight @ x_mean
+
+
+# Which parts each of the paper's four fine-tuning strategies trains.
+_TRAINABLE = {
+    "stitch": ("stitch",),
+    "stitch+behind": ("stitch", "behind"),
+    "stitch+front": ("stitch", "front"),
+    "full": ("front", "stitch", "behind"),
+}
+
+
+class StitchedModel(nn.Module):
+    """front blocks -> stitching layer -> behind blocks, with the paper's four fine-tuning strategies."""
+
+    STRATEGIES = tuple(_TRAINABLE)
+
+    def __init__(self, front_blocks: Iterable[nn.Module], stitch: StitchingLayer, behind_blocks: Iterable[nn.Module]):
+        super().__init__()
+        self.front = nn.Sequential(*front_blocks)
+        self.stitch = stitch
+        self.behind = nn.Sequential(*behind_blocks)
+        self.set_strategy("stitch")  # the paper's default: only the stitching layer learns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from_front(self.front(x))
+
+    def forward_from_front(self, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the model from the front's output (lets training cache the frozen front's outputs)."""
+        return self.behind(self.stitch(h))
+
+    def set_strategy(self, strategy: str) -> int:
+        """Freeze everything outside `strategy`; return the number of trainable parameters."""
+        if strategy not in _TRAINABLE:
+            raise ValueError(f"unknown fine-tuning strategy {strategy!r}; expected one of {self.STRATEGIES}")
+        self.strategy = strategy
+        for name in ("front", "stitch", "behind"):
+            getattr(self, name).requires_grad_(name in _TRAINABLE[strategy])
+        self.train(self.training)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> StitchedModel:
+        """Frozen parts stay in eval mode: their BatchNorm statistics and dropout must not change."""
+        super().train(mode)
+        for name in ("front", "behind"):
+            if name not in _TRAINABLE[self.strategy]:
+                getattr(self, name).eval()
+        return self
+
+    def stitch_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().contiguous() for k, v in self.stitch.state_dict().items()}
+
+    def load_stitch_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load stitching weights after checking keys, shapes, dtypes and finiteness (IntegrityError otherwise)."""
+        hint = "the weights were made for another variant or are corrupt; fetch the variant's current stitch"
+        expected = self.stitch.state_dict()
+        if not isinstance(state, Mapping):
+            raise IntegrityError(f"stitching weights must be a mapping of tensors, got {type(state).__name__}", hint)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise IntegrityError(f"stitching weights do not fit the layer: missing {missing}, unexpected {unexpected}",
+                                 hint)
+        for key, ref in expected.items():
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise IntegrityError(f"stitching weight {key} is a {type(value).__name__}, not a tensor", hint)
+            if value.shape != ref.shape:
+                raise IntegrityError(f"stitching weight {key} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(ref.shape)}", hint)
+            if value.dtype != ref.dtype:
+                raise IntegrityError(f"stitching weight {key} has dtype {value.dtype}, expected {ref.dtype}", hint)
+            if not torch.isfinite(value).all():
+                raise IntegrityError(f"stitching weight {key} has non-finite values (NaN or inf)", hint)
+        self.stitch.load_state_dict(state, strict=True)
+
