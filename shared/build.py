@@ -24,7 +24,7 @@ from shared.catalog import Catalog, ModelInfo, VariantRecord, _finite, architect
 from shared.cka import CKAAccumulator
 from shared.config import Config, ModelConfig
 from shared.datasets import calibration_batches, load_splits
-from shared.models import create_model, save_checkpoint
+from shared.models import check_input, create_model, save_checkpoint
 from shared.selection import default_budgets, sweep
 from shared.stitching import StitchedModel, StitchingLayer
 from shared.training import cache_front_outputs, evaluate, finetune, train_base
@@ -73,6 +73,7 @@ def _model_kwargs(mc: ModelConfig, cfg: Config) -> dict:
 def prepare_base(mc: ModelConfig, cfg: Config, train, val, out: Path, role: str, progress: bool, log) -> tuple[nn.Module, float]:
     """Create a base model; train it from scratch when it has no checkpoint and `train:` is set."""
     model = create_model(mc.name, _model_kwargs(mc, cfg), mc.pretrained, mc.checkpoint)
+    check_input(model, cfg.input_shape, mc.name)
     if mc.checkpoint is None and not mc.pretrained and mc.train is not None:
         log(f"training {role} model {mc.name} from scratch ({mc.train.epochs} epochs on {len(train)} examples)")
         train_base(model, train, mc.train, desc=f"train {mc.name}", progress=progress, seed=cfg.data.seed)

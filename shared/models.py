@@ -52,3 +52,19 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 def save_checkpoint(model: nn.Module, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def check_input(model: nn.Module, input_shape: tuple[int, int, int], name: str) -> None:
+    """Fail early, in one line, when the data's image size or channels do not suit the model."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ModelError(f"model {name} cannot take input of shape {tuple(input_shape)}: {str(exc).splitlines()[0][:160]}",
+                         "set data.image_size / data.channels (or the model's img_size / in_chans kwargs) to match") from None
+    finally:
+        model.train(was_training)
