@@ -1,0 +1,142 @@
+"""Checking and averaging stitching-layer updates, one variant at a time. No Flower in here.
+
+Every update is checked against the variant's current stitching weights before it may count: the right variant,
+the same keys, dtypes and shapes, only finite values, and a change no larger than `norm_bound` times the norm of
+the current weights. A rejected update is counted under its reason and otherwise ignored, so the aggregate
+equals the one computed from the honest updates alone.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("fedavg", "trimmed_mean", "median")
+# Every reason an update can be refused for ("malformed" and "node_error" are decided while reading replies).
+REASONS = ("malformed", "node_error", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
+           "nan", "inf", "norm")
+
+
+@dataclass
+class Update:
+    """One node's answer to a training request: its stitching weights and how many examples produced them."""
+
+    node_id: int
+    variant_id: str
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+    num_bytes: int = 0  # size on the wire, for accounting
+
+
+@dataclass
+class VariantAggregate:
+    """The outcome of one round for one variant."""
+
+    variant_id: str
+    state: dict[str, torch.Tensor]  # the new weights; the current ones when no update was accepted
+    accepted: list[Update]
+    rejected: Counter
+
+    @property
+    def num_examples(self) -> int:
+        return sum(u.num_examples for u in self.accepted)
+
+
+def _norm(tensors) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+
+
+def validate_update(update: Update, variant_id: str, current: dict[str, torch.Tensor], norm_bound: float) -> str | None:
+    """The reason to reject `update`, or None when it may be aggregated."""
+    if update.variant_id != variant_id:
+        return "wrong_variant"
+    if set(update.state) != set(current):
+        return "wrong_keys"
+    if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples < 1:
+        return "bad_examples"
+    for key, ref in current.items():
+        value = update.state[key]
+        if not isinstance(value, torch.Tensor) or value.dtype != ref.dtype:
+            return "wrong_dtype"
+        if value.shape != ref.shape:
+            return "wrong_shape"
+    values = [update.state[k] for k in current]
+    if any(torch.isnan(v).any() for v in values):
+        return "nan"
+    if any(torch.isinf(v).any() for v in values):
+        return "inf"
+    # Relative bound: scale-free across variants. All-zero weights have no scale, so the bound becomes absolute.
+    reference = _norm(current.values()) or 1.0
+    if _norm(update.state[k] - current[k] for k in current) > norm_bound * reference:
+        return "norm"
+    return None
+
+
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean (FedAvg: weights are example counts), accumulated in float64 one update at a time."""
+    total = float(sum(weights))
+    out = {}
+    for key, ref in states[0].items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for state, w in zip(states, weights):
+            acc.add_(state[key].double(), alpha=w / total)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def trimmed_mean(states: list[dict[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
+    """Coordinate-wise mean after dropping the `trim_fraction` largest and smallest values (unweighted)."""
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    n = len(states)
+    k = int(trim_fraction * n)
+    out = {}
+    for key, ref in states[0].items():
+        stacked, _ = torch.sort(torch.stack([s[key] for s in states]), dim=0)
+        out[key] = stacked[k:n - k].double().mean(dim=0).to(ref.dtype)
+    return out
+
+
+def median(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (the mean of the two middle values when the count is even)."""
+    n = len(states)
+    out = {}
+    for key, ref in states[0].items():
+        stacked, _ = torch.sort(torch.stack([s[key] for s in states]), dim=0)
+        middle = stacked[(n - 1) // 2: n // 2 + 1]
+        out[key] = middle.double().mean(dim=0).to(ref.dtype)
+    return out
+
+
+def combine(states: list[dict[str, torch.Tensor]], weights: list[float], method: str,
+            trim_fraction: float = 0.2) -> dict[str, torch.Tensor]:
+    if method == "fedavg":
+        return fedavg(states, weights)
+    if method == "trimmed_mean":
+        return trimmed_mean(states, trim_fraction)
+    if method == "median":
+        return median(states)
+    raise ValueError(f"unknown aggregation {method!r}; expected one of {METHODS}")
+
+
+def aggregate_variant(variant_id: str, current: dict[str, torch.Tensor], updates: list[Update],
+                      method: str = "fedavg", norm_bound: float = 100.0, trim_fraction: float = 0.2,
+                      rejected: Counter | None = None) -> VariantAggregate:
+    """Validate every update of one variant, then combine the accepted ones.
+
+    `rejected` may carry counts decided earlier (unreadable replies, node errors); they are kept.
+    """
+    rejected = Counter(rejected or {})
+    accepted = []
+    for update in updates:
+        reason = validate_update(update, variant_id, current, norm_bound)
+        if reason is None:
+            accepted.append(update)
+        else:
+            rejected[reason] += 1
+    if not accepted:
+        return VariantAggregate(variant_id, {k: v.clone() for k, v in current.items()}, [], rejected)
+    state = combine([u.state for u in accepted], [float(u.num_examples) for u in accepted], method, trim_fraction)
+    return VariantAggregate(variant_id, state, accepted, rejected)

@@ -1,0 +1,153 @@
+"""Validation and aggregation of stitching-layer updates, on plain tensors (no Flower processes)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from server.aggregation import (
+    Update,
+    aggregate_variant,
+    combine,
+    fedavg,
+    median,
+    trimmed_mean,
+    validate_update,
+)
+
+VARIANT = "v-a"
+
+
+def current_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"proj.weight": torch.randn(8, 4, 1, 1, generator=g), "proj.bias": torch.randn(8, generator=g)}
+
+
+def honest(current, seed: int, examples: int, node: int | None = None) -> Update:
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in current.items()}
+    return Update(node if node is not None else seed, VARIANT, state, examples)
+
+
+def poisoned(current) -> dict[str, Update]:
+    base = {k: v.clone() for k, v in current.items()}
+
+    def with_(key, value, **kw):
+        state = dict(base)
+        state[key] = value
+        return Update(kw.get("node", 100), kw.get("variant", VARIANT), state, kw.get("examples", 50))
+
+    w = base["proj.weight"]
+    nan, inf = w.clone(), w.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    inf[1, 1, 0, 0] = float("-inf")
+    extra = dict(base, **{"other.weight": torch.zeros(2)})
+    return {
+        "nan": with_("proj.weight", nan),
+        "inf": with_("proj.weight", inf),
+        "wrong_shape": with_("proj.weight", torch.zeros(8, 5, 1, 1)),
+        "wrong_dtype": with_("proj.weight", w.double()),
+        "wrong_variant": Update(101, "v-b", dict(base), 50),
+        "wrong_keys": Update(102, VARIANT, extra, 50),
+        "norm": Update(103, VARIANT, {k: 1000.0 * v for k, v in base.items()}, 50),
+        "bad_examples": Update(104, VARIANT, dict(base), 0),
+    }
+
+
+def test_honest_update_passes_validation():
+    cur = current_state()
+    assert validate_update(honest(cur, 1, 10), VARIANT, cur, norm_bound=100.0) is None
+
+
+@pytest.mark.parametrize("reason", ["nan", "inf", "wrong_shape", "wrong_dtype", "wrong_variant", "wrong_keys",
+                                    "norm", "bad_examples"])
+def test_each_poisoned_update_is_rejected_with_its_reason(reason):
+    cur = current_state()
+    assert validate_update(poisoned(cur)[reason], VARIANT, cur, norm_bound=100.0) == reason
+
+
+def test_missing_key_is_wrong_keys():
+    cur = current_state()
+    upd = Update(1, VARIANT, {"proj.weight": cur["proj.weight"]}, 5)
+    assert validate_update(upd, VARIANT, cur, 100.0) == "wrong_keys"
+
+
+def test_norm_bound_is_relative_to_current_weights():
+    cur = current_state()
+    ref = float(torch.sqrt(sum((v.double() ** 2).sum() for v in cur.values())))
+    # A change of exactly 2x the current norm: accepted under bound 3, rejected under bound 1.
+    upd = Update(1, VARIANT, {k: 3.0 * v for k, v in cur.items()}, 5)
+    delta = float(torch.sqrt(sum(((3.0 * v - v).double() ** 2).sum() for v in cur.values())))
+    assert delta == pytest.approx(2 * ref)
+    assert validate_update(upd, VARIANT, cur, norm_bound=3.0) is None
+    assert validate_update(upd, VARIANT, cur, norm_bound=1.0) == "norm"
+
+
+def test_all_zero_current_weights_use_an_absolute_bound():
+    cur = {k: torch.zeros_like(v) for k, v in current_state().items()}
+    small = Update(1, VARIANT, {k: torch.full_like(v, 0.01) for k, v in cur.items()}, 5)
+    huge = Update(2, VARIANT, {k: torch.full_like(v, 1e3) for k, v in cur.items()}, 5)
+    assert validate_update(small, VARIANT, cur, 10.0) is None
+    assert validate_update(huge, VARIANT, cur, 10.0) == "norm"
+
+
+def test_fedavg_weights_by_examples():
+    a = {"w": torch.tensor([0.0, 2.0])}
+    b = {"w": torch.tensor([4.0, 6.0])}
+    out = fedavg([a, b], [1.0, 3.0])
+    assert torch.allclose(out["w"], torch.tensor([3.0, 5.0]))
+    assert out["w"].dtype == torch.float32
+
+
+def test_trimmed_mean_drops_extremes_per_coordinate():
+    states = [{"w": torch.tensor([v, -v])} for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
+    out = trimmed_mean(states, trim_fraction=0.2)  # drops one from each end
+    assert torch.allclose(out["w"], torch.tensor([3.0, -3.0]))
+    with pytest.raises(ValueError):
+        trimmed_mean(states, 0.5)
+
+
+def test_median_odd_and_even():
+    odd = [{"w": torch.tensor([v])} for v in (5.0, 1.0, 100.0)]
+    even = [{"w": torch.tensor([v])} for v in (5.0, 1.0, 100.0, 3.0)]
+    assert median(odd)["w"].item() == 5.0
+    assert median(even)["w"].item() == 4.0
+
+
+def test_combine_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        combine([{"w": torch.zeros(1)}], [1.0], "krum")
+
+
+@pytest.mark.parametrize("method", ["fedavg", "trimmed_mean", "median"])
+def test_poisoned_updates_are_counted_and_do_not_change_the_aggregate(method):
+    cur = current_state()
+    good = [honest(cur, s, examples=10 * s) for s in range(1, 6)]
+    bad = list(poisoned(cur).values())
+    mixed = aggregate_variant(VARIANT, cur, good[:2] + bad + good[2:], method=method, norm_bound=100.0)
+    clean = aggregate_variant(VARIANT, cur, good, method=method, norm_bound=100.0)
+    assert mixed.rejected == Counter({r: 1 for r in poisoned(cur)})
+    assert [u.node_id for u in mixed.accepted] == [u.node_id for u in good]
+    assert mixed.num_examples == sum(u.num_examples for u in good)
+    for key in cur:
+        assert torch.equal(mixed.state[key], clean.state[key])
+
+
+def test_fedavg_aggregate_matches_the_weighted_mean_of_honest_updates():
+    cur = current_state()
+    good = [honest(cur, s, examples=e) for s, e in ((1, 10), (2, 30), (3, 60))]
+    out = aggregate_variant(VARIANT, cur, good, "fedavg").state
+    for key in cur:
+        expected = sum(u.state[key].double() * u.num_examples for u in good) / 100.0
+        assert torch.allclose(out[key].double(), expected, atol=1e-6)
+
+
+def test_no_accepted_update_keeps_current_weights_and_earlier_counts():
+    cur = current_state()
+    res = aggregate_variant(VARIANT, cur, [poisoned(cur)["nan"]], rejected=Counter({"node_error": 2}))
+    assert res.accepted == [] and res.num_examples == 0
+    assert res.rejected == Counter({"nan": 1, "node_error": 2})
+    for key in cur:
+        assert torch.equal(res.state[key], cur[key])
+        assert res.state[key] is not cur[key]
