@@ -70,18 +70,34 @@ def _model_kwargs(mc: ModelConfig, cfg: Config) -> dict:
     return {"num_classes": cfg.num_classes, "in_chans": cfg.data.channels, **mc.kwargs}
 
 
-def prepare_base(mc: ModelConfig, cfg: Config, train, val, out: Path, role: str, progress: bool, log) -> tuple[nn.Module, float]:
-    """Create a base model; train it from scratch when it has no checkpoint and `train:` is set."""
+def create_base(mc: ModelConfig, cfg: Config) -> tuple[nn.Module, BlockedModel]:
+    """Create a base model, split it and try the data's input shape: every model problem surfaces here,
+    before any training time is spent."""
     model = create_model(mc.name, _model_kwargs(mc, cfg), mc.pretrained, mc.checkpoint)
+    blocked = split_model(model, mc.name)
     check_input(model, cfg.input_shape, mc.name)
-    if mc.checkpoint is None and not mc.pretrained and mc.train is not None:
-        log(f"training {role} model {mc.name} from scratch ({mc.train.epochs} epochs on {len(train)} examples)")
-        train_base(model, train, mc.train, desc=f"train {mc.name}", progress=progress, seed=cfg.data.seed)
-        save_checkpoint(model, out / "checkpoints" / f"{role}.safetensors")
-    model.eval()
-    acc = evaluate(model, val)
-    log(f"{role} model {mc.name}: {C.count_params(model) / 1e6:.3f}M params, val accuracy {acc:.4f}")
-    return model, acc
+    return model, blocked
+
+
+def prepare_bases(cfg: Config, train, val, out: Path, progress: bool, log) -> dict[str, tuple]:
+    """Both base models: created, trained from scratch where the config says so, evaluated.
+
+    Returns {"large": (model, blocked, accuracy), "small": (...)}; trained weights go to out/checkpoints/.
+    """
+    created = {role: create_base(getattr(cfg, role), cfg) for role in ("large", "small")}
+    ready = {}
+    for role, (model, blocked) in created.items():
+        mc: ModelConfig = getattr(cfg, role)
+        if mc.checkpoint is None and not mc.pretrained and mc.train is not None:
+            log(f"training {role} model {mc.name} from scratch ({mc.train.epochs} epochs on {len(train)} examples)")
+            train_base(model, train, mc.train, desc=f"train {mc.name}", progress=progress, seed=cfg.data.seed)
+            save_checkpoint(model, out / "checkpoints" / f"{role}.safetensors")
+        model.eval()
+        acc = evaluate(model, val)
+        log(f"{role} model {mc.name}: {C.count_params(model) / 1e6:.3f}M params, {len(blocked.blocks)} blocks, "
+            f"val accuracy {acc:.4f}")
+        ready[role] = (model, blocked, acc)
+    return ready
 
 
 @torch.no_grad()
@@ -157,15 +173,13 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
     t = time.perf_counter()
     train, val = load_splits(cfg.data)
     log(f"data: {cfg.data.dataset}, {len(train)} train / {len(val)} val examples, input {cfg.input_shape}")
-    large, large_acc = prepare_base(cfg.large, cfg, train, val, out, "large", progress, log)
-    small, small_acc = prepare_base(cfg.small, cfg, train, val, out, "small", progress, log)
+    bases = prepare_bases(cfg, train, val, out, progress, log)
+    large, small = bases["large"], bases["small"]
     timings["base_models_s"] = time.perf_counter() - t
 
-    slow_to_fast = cfg.catalog.direction == "slow_to_fast"
-    (front_cfg, front_m, front_acc), (behind_cfg, behind_m, behind_acc) = (
-        ((cfg.large, large, large_acc), (cfg.small, small, small_acc)) if slow_to_fast
-        else ((cfg.small, small, small_acc), (cfg.large, large, large_acc)))
-    front, behind = split_model(front_m, front_cfg.name), split_model(behind_m, behind_cfg.name)
+    (front_cfg, (front_m, front, front_acc)), (behind_cfg, (behind_m, behind, behind_acc)) = (
+        ((cfg.large, large), (cfg.small, small)) if cfg.catalog.direction == "slow_to_fast"
+        else ((cfg.small, small), (cfg.large, large)))
 
     batches = calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats, cfg.data.seed)
     x1 = batches[0][:1]

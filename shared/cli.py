@@ -69,8 +69,7 @@ def cmd_catalog_show(args) -> int:
 def cmd_cka(args) -> int:
     import numpy as np
 
-    from shared.build import calibrate, prepare_base
-    from shared.blocks import split_model
+    from shared.build import calibrate, prepare_bases
     from shared.config import load_config
     from shared.datasets import calibration_batches, load_splits
     from shared.plots import plot_cka
@@ -79,9 +78,8 @@ def cmd_cka(args) -> int:
     out = Path(args.out)
     train, val = load_splits(cfg.data)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    a, _ = prepare_base(cfg.large, cfg, train, val, out, "large", not args.quiet, log)
-    b, _ = prepare_base(cfg.small, cfg, train, val, out, "small", not args.quiet, log)
-    ba, bb = split_model(a, cfg.large.name), split_model(b, cfg.small.name)
+    bases = prepare_bases(cfg, train, val, out, not args.quiet, log)
+    ba, bb = bases["large"][1], bases["small"][1]
     batches = calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats, cfg.data.seed)
     cal = calibrate(ba, bb, batches)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +96,7 @@ def cmd_cka(args) -> int:
 
 
 def cmd_train_base(args) -> int:
-    from shared.build import prepare_base
+    from shared.build import prepare_bases
     from shared.config import load_config
     from shared.datasets import load_splits
     from shared.errors import ConfigError
@@ -106,12 +104,16 @@ def cmd_train_base(args) -> int:
     cfg = load_config(args.config)
     out = Path(args.out)
     train, val = load_splits(cfg.data)
-    for role in (("large", "small") if args.role == "both" else (args.role,)):
+    roles = ("large", "small") if args.role == "both" else (args.role,)
+    for role in roles:
         mc = getattr(cfg, role)
         if mc.train is None:
             raise ConfigError(f"{role}.train is not set in {cfg.source}", "add `train: {epochs: 10}` to the model")
-        mc.checkpoint = None
-        prepare_base(mc, cfg, train, val, out, role, not args.quiet, print)
+        mc.checkpoint, mc.pretrained = None, False
+    for role in {"large", "small"} - set(roles):  # the other model is left untrained
+        getattr(cfg, role).train = None
+    prepare_bases(cfg, train, val, out, not args.quiet, print)
+    for role in roles:
         print(f"checkpoint: {out / 'checkpoints' / f'{role}.safetensors'}")
     return 0
 

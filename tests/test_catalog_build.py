@@ -56,12 +56,12 @@ def write_config(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"large__name": "resnet_9000"}, "unknown model 'resnet_9000'"),
-    ({"large__name": "convnext_atto", "large__train": None}, "unsupported"),
+    ({"large__name": "convnext_atto", "large__kwargs": {}}, "cannot split convnext_atto"),
     ({"large__checkpoint": "/nonexistent/large.safetensors"}, "checkpoint /nonexistent/large.safetensors not found"),
     ({"large__train": None, "small__train": None, "catalog__budgets": [1000.0]}, "no stitched variant fits"),
     ({"large__name": "resnet18", "large__pretrained": True, "large__kwargs": {}, "large__train": None},
      "could not download pretrained weights"),
-    ({"data__image_size": 8}, "input"),
+    ({"small__name": "deit_tiny_patch16_224", "small__kwargs": {}}, "cannot take input of shape (1, 32, 32)"),
 ])
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, capsys, changes, message):
     code = main(["catalog", "build", "--config", write_config(tmp_path, **changes), "--out", str(tmp_path / "o"),
