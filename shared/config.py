@@ -95,6 +95,13 @@ class FleetConfig:
     registry: str = "fleet.db"
     http_host: str = "127.0.0.1"
     http_port: int = 8780
+    http_public_url: str | None = None  # base URL devices use for artifacts; default http(s)://host:port
+    http_cert_file: str | None = None  # serve artifacts and the API over HTTPS with this certificate...
+    http_key_file: str | None = None  # ...and key
+    http_ca_file: str | None = None  # what devices trust for HTTPS (the coordinator's CA or self-signed cert)
+    api_token: str | None = None  # required as `Authorization: Bearer` on POST /api/... when set
+    catalog: str = "catalog"  # the catalog folder the coordinator serves
+    device_root: str = "devices"  # where `restnet device(s)` keep each device's installed variant
     memory_margin: float = 0.2  # fraction of a device's memory kept free
     heartbeat_s: float = 10.0
     stale_after_s: float = 30.0

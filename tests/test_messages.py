@@ -1,0 +1,130 @@
+"""Message schemas: round trips, topics, and every rejection code with what it carries back."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.messages import (MAX_PAYLOAD_BYTES, Assignment, Desired, Enroll, ErrorReply, Heartbeat, MessageError,
+                             Presence, Profile, Refusal, Status, decode, decode_desired, decode_error, encode,
+                             parse_topic, topic)
+
+SHA = "a" * 64
+
+
+def enroll_dict(**over) -> dict:
+    d = {"v": 1, "device_id": "dev-1", "request_id": "r1",
+         "profile": {"memory_mb": 64.0, "compute": 1.5, "latency_ms": None, "agent_version": "0.1.0"}}
+    d.update(over)
+    return d
+
+
+def rejected(kind: str, payload, device_id: str = "dev-1") -> MessageError:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    with pytest.raises(MessageError) as info:
+        decode(kind, device_id, data)
+    return info.value
+
+
+def test_round_trips():
+    msgs = {
+        "enroll": Enroll("dev-1", "r1", Profile(64.0, 1.5, 20.0, "0.1.0")),
+        "status": Status("dev-1", "abc", "FAILED", "v.1_2", "hash mismatch"),
+        "state": Presence("dev-1", True, 7),
+        "heartbeat": Heartbeat("dev-1", 3),
+    }
+    for kind, msg in msgs.items():
+        assert decode(kind, "dev-1", encode(msg)) == msg
+    desired = Desired("dev-1", 2, "abc", "r1", Assignment("v.1_2", 3, "http://h/manifests/v.1_2/v3.json", SHA, 10), None)
+    assert decode_desired("dev-1", encode(desired)) == desired
+    refusal = Desired("dev-1", 1, "abc", "r1", None, Refusal("too small", {"variant_id": "v", "memory_mb": 9.6,
+                                                                             "compute": None}))
+    assert decode_desired("dev-1", encode(refusal)) == refusal
+    error = ErrorReply("schema", "enroll: field 'request_id' is required", "r1")
+    assert decode_error(encode(error)) == error
+
+
+def test_topics_bind_one_device_level():
+    assert topic("dev-1", "enroll") == "fleet/v1/dev/dev-1/enroll"
+    assert parse_topic("fleet/v1/dev/dev-1/status") == ("dev-1", "status")
+    for bad in ("fleet/v1/dev/a/b/enroll", "fleet/v2/dev/x/enroll", "fleet/v1/dev/x/other", "fleet/v1/dev/ /enroll",
+                "fleet/v1/dev/" + "x" * 65 + "/enroll"):
+        with pytest.raises(MessageError) as info:
+            parse_topic(bad)
+        assert info.value.code == "bad_topic"
+    for bad_id in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ValueError):
+            topic(bad_id, "enroll")
+
+
+def test_oversize_rejected_before_parsing():
+    assert rejected("enroll", b"{" * (MAX_PAYLOAD_BYTES + 1)).code == "oversize"
+
+
+@pytest.mark.parametrize("payload", [b"", b"not json", b"\xff\xfe", b"[" * 5000 + b"]" * 5000, b'{"v": 1,'])
+def test_malformed_json(payload):
+    assert rejected("enroll", payload).code in ("malformed_json", "oversize")
+
+
+def test_unknown_version_keeps_request_id_for_the_reply():
+    err = rejected("enroll", enroll_dict(v=2))
+    assert (err.code, err.request_id) == ("unknown_version", "r1")
+    assert rejected("enroll", enroll_dict(v=True)).code == "unknown_version"
+    assert rejected("enroll", {k: v for k, v in enroll_dict().items() if k != "v"}).code == "schema"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("request_id"),
+    lambda d: d.update(extra=1),
+    lambda d: d["profile"].update(extra=1),
+    lambda d: d["profile"].update(v=1),
+    lambda d: d["profile"].update(memory_mb=True),
+    lambda d: d["profile"].update(memory_mb=-1),
+    lambda d: d["profile"].update(memory_mb="64"),
+    lambda d: d["profile"].update(compute=0),
+    lambda d: d["profile"].update(compute=1e300),
+    lambda d: d["profile"].update(latency_ms=-5),
+    lambda d: d["profile"].pop("agent_version"),
+    lambda d: d.update(request_id="r" * 65),
+    lambda d: d.update(request_id="has space"),
+    lambda d: d.update(request_id=7),
+    lambda d: d.update(profile=[1, 2]),
+    lambda d: d.update(device_id="a/b"),
+])
+def test_schema_violations(mutate):
+    d = enroll_dict()
+    mutate(d)
+    assert rejected("enroll", d).code == "schema"
+
+
+def test_non_finite_numbers_are_rejected():
+    raw = json.dumps(enroll_dict()).replace('"memory_mb": 64.0', '"memory_mb": NaN').encode()
+    assert rejected("enroll", raw).code == "schema"
+    raw = json.dumps(enroll_dict()).replace('"memory_mb": 64.0', '"memory_mb": 1e999').encode()
+    assert rejected("enroll", raw).code == "schema"
+
+
+def test_device_id_must_match_topic():
+    err = rejected("enroll", enroll_dict(device_id="dev-2"))
+    assert (err.code, err.request_id) == ("id_mismatch", "r1")
+    assert rejected("status", json.loads(encode(Status("dev-2", "a", "INSTALLED")))).code == "id_mismatch"
+
+
+def test_status_presence_heartbeat_fields():
+    assert rejected("status", {"v": 1, "device_id": "dev-1", "assignment_id": "a", "state": "DONE"}).code == "schema"
+    assert rejected("state", {"v": 1, "device_id": "dev-1", "online": 1, "seq": 0}).code == "schema"
+    assert rejected("heartbeat", {"v": 1, "device_id": "dev-1", "seq": -1}).code == "schema"
+    assert rejected("heartbeat", {"v": 1, "device_id": "dev-1", "seq": 2**60}).code == "schema"
+
+
+def test_devices_cannot_send_coordinator_kinds():
+    assert rejected("desired", {"v": 1}).code == "bad_topic"
+
+
+def test_desired_needs_exactly_one_outcome():
+    base = {"v": 1, "device_id": "dev-1", "version": 1, "assignment_id": "a", "request_id": None}
+    with pytest.raises(MessageError):
+        decode_desired("dev-1", json.dumps({**base, "assignment": None, "refusal": None}).encode())
+    with pytest.raises(MessageError) as info:
+        decode_desired("dev-2", encode(Desired("dev-1", 1, "a", None, None, Refusal("no", {}))))
+    assert info.value.code == "id_mismatch"
