@@ -1,0 +1,244 @@
+"""The device agent: enroll with a profile, follow the retained desired state, install, report, stay present.
+
+Threads: paho's network loop (callbacks only record and notify) and one worker that installs, sends
+heartbeats and re-sends an unanswered enrollment. The enrollment is re-sent with the same request id until an
+answer arrives, so a coordinator that died before committing it gets it again, and one that had committed it
+answers the same way (idempotent). Presence: a retained `state` message, online on connect and offline as the
+last will, numbered with a connection sequence kept in the device folder so late news of an old connection
+cannot override a newer one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from client.download import DownloadError, current_manifest_bytes, install
+from server.broker import make_client
+from shared.artifacts import Manifest, atomic_write, sha256_bytes
+from shared.config import BrokerConfig
+from shared.errors import IntegrityError
+from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageError, Presence, Profile, Status,
+                             decode_desired, decode_error, encode, topic)
+
+log = logging.getLogger("restnet.agent")
+
+RETRY_MAX_S = 60.0
+
+
+class DeviceAgent:
+    def __init__(self, device_id: str, broker: BrokerConfig, password: str | None, profile: Profile,
+                 device_dir: Path | str, http_ca_file: str | None = None, heartbeat_s: float = 10.0,
+                 enroll_retry_s: float = 5.0, on_installed: Callable[[Path], None] | None = None):
+        self.device_id = device_id
+        self.device_dir = Path(device_dir)
+        self.device_dir.mkdir(parents=True, exist_ok=True)
+        self.profile = profile
+        self.http_ca_file = http_ca_file
+        self.heartbeat_s = heartbeat_s
+        self.enroll_retry_s = enroll_retry_s
+        self.on_installed = on_installed
+        # Devices authenticate with their own credentials; client certificates are the coordinator's.
+        self.client, self.address = make_client(dataclasses.replace(broker, cert_file=None, key_file=None),
+                                                device_id, device_id, password, clean_session=False)
+        self.client.reconnect_delay_set(1, 5)
+        self.client.on_pre_connect = self._on_pre_connect
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name=f"agent-{device_id}", daemon=True)
+        # What the agent knows; read by tests and the fleet simulator through wait().
+        self.connected = False
+        self.connect_error: str | None = None
+        self.request_id = uuid.uuid4().hex[:16]
+        self.answered = False  # the current request_id got its desired state (or an error)
+        self.desired: Desired | None = None
+        self.errors: list[ErrorReply] = []
+        self.status: str | None = None  # last state reported for the current desired version
+        self.failure: str | None = None
+        data = current_manifest_bytes(self.device_dir)
+        self.installed: Manifest | None = Manifest.from_bytes(data) if data else None
+        self._installed_sha = sha256_bytes(data) if data else None
+        self._applied: tuple[int, str] | None = None  # (desired version, assignment id) handled
+        self._retry_at = 0.0
+        self._retry_s = 1.0
+        self._enrolled_at = 0.0
+        self._seq = 0
+        self._hb_seq = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> "DeviceAgent":
+        self.client.connect_async(self.address.host, self.address.port, keepalive=max(5, int(self.heartbeat_s * 3)))
+        self.client.loop_start()
+        self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        """Leave like a crash would not: publish offline, then disconnect (the last will is for crashes)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._worker.join(10)
+        if self.connected:
+            info = self.client.publish(topic(self.device_id, "state"),
+                                       encode(Presence(self.device_id, False, self._seq)), qos=1, retain=True)
+            try:
+                info.wait_for_publish(2)
+            except (RuntimeError, ValueError):  # the connection went while we were leaving
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def update_profile(self, profile: Profile) -> None:
+        """The device's budget changed: enroll again with a new request id."""
+        with self._cond:
+            self.profile, self.request_id, self.answered = profile, uuid.uuid4().hex[:16], False
+            self._enrolled_at = 0.0
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[["DeviceAgent"], bool], timeout: float) -> bool:
+        """Block until `predicate(agent)` holds (checked on every change) or `timeout` seconds pass."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    # ---- MQTT callbacks ---------------------------------------------------------------------------------
+
+    def _on_pre_connect(self, client, userdata):
+        seq_file = self.device_dir / "presence_seq"
+        self._seq = (int(seq_file.read_text()) + 1) if seq_file.is_file() else 1
+        atomic_write(seq_file, str(self._seq).encode())
+        client.will_set(topic(self.device_id, "state"), encode(Presence(self.device_id, False, self._seq)),
+                        qos=1, retain=True)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        with self._cond:
+            if reason_code.is_failure:
+                self.connect_error = str(reason_code)
+                self._cond.notify_all()
+                return
+            self.connected, self.connect_error = True, None
+            client.subscribe([(topic(self.device_id, "desired"), 1), (topic(self.device_id, "error"), 1)])
+            client.publish(topic(self.device_id, "state"), encode(Presence(self.device_id, True, self._seq)),
+                           qos=1, retain=True)
+            self._enrolled_at = 0.0  # (re)send a pending enrollment now
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        with self._cond:
+            self.connected = False
+            self._cond.notify_all()
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            if msg.topic.endswith("/desired"):
+                desired = decode_desired(self.device_id, msg.payload)
+                with self._cond:
+                    if self.desired is None or desired.version >= self.desired.version:
+                        self.desired = desired
+                    if desired.request_id == self.request_id:
+                        self.answered = True
+                    self._cond.notify_all()
+            else:
+                error = decode_error(msg.payload)
+                with self._cond:
+                    self.errors.append(error)
+                    if error.request_id == self.request_id:
+                        self.answered = True
+                    self._cond.notify_all()
+        except MessageError as exc:
+            log.warning("%s: ignoring a bad message on %s: %s", self.device_id, msg.topic, exc)
+
+    # ---- the worker -------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        next_heartbeat = time.monotonic() + self.heartbeat_s
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                self._cond.wait(timeout=max(0.0, min(next_heartbeat, self._due()) - now))
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                enroll = self.connected and not self.answered and now >= self._enrolled_at + self.enroll_retry_s
+                if enroll:
+                    self._enrolled_at = now
+                    message = Enroll(self.device_id, self.request_id, self.profile)
+                desired = self.desired
+            if enroll:
+                self.client.publish(topic(self.device_id, "enroll"), encode(message), qos=1)
+            if desired is not None and self._needs_apply(desired) and time.monotonic() >= self._retry_at:
+                self._apply(desired)
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.heartbeat_s
+                if self.connected:
+                    self._hb_seq += 1
+                    self.client.publish(topic(self.device_id, "heartbeat"),
+                                        encode(Heartbeat(self.device_id, self._hb_seq)), qos=0)
+
+    def _due(self) -> float:
+        """When the worker must wake next for an enrollment re-send or an install retry (monotonic time)."""
+        due = self._enrolled_at + self.enroll_retry_s if self.connected and not self.answered else float("inf")
+        if self.desired is not None and self._needs_apply(self.desired):
+            due = min(due, self._retry_at)
+        return due
+
+    def _needs_apply(self, desired: Desired) -> bool:
+        return self._applied != (desired.version, desired.assignment_id)
+
+    def _apply(self, desired: Desired) -> None:
+        a = desired.assignment
+        if a is None:  # refused: keep whatever is installed, report nothing to install
+            self._mark_applied(desired, None)
+            return
+        if self._installed_sha == a.manifest_sha256:
+            self._report(desired, "INSTALLED")
+            self._mark_applied(desired, "INSTALLED")
+            return
+        self._report(desired, "DOWNLOADING")
+        try:
+            manifest = install(a, self.device_dir, self.http_ca_file,
+                               on_verified=lambda m: self._report(desired, "VERIFIED"))
+        except (IntegrityError, DownloadError, OSError) as exc:
+            reason = str(exc)[:500]
+            log.warning("%s: install of %s v%d failed: %s", self.device_id, a.variant_id, a.variant_version, reason)
+            self._report(desired, "FAILED", reason)
+            with self._cond:
+                self.failure = reason
+                self._retry_at = time.monotonic() + self._retry_s
+                self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self.installed, self._installed_sha, self.failure = manifest, a.manifest_sha256, None
+            self._retry_s = 1.0
+        self._report(desired, "INSTALLED")
+        self._mark_applied(desired, "INSTALLED")
+        if self.on_installed is not None:
+            try:
+                self.on_installed(self.device_dir)
+            except Exception:  # the hook is someone else's code: log it, keep the agent alive
+                log.exception("%s: on_installed hook failed", self.device_id)
+
+    def _report(self, desired: Desired, state: str, reason: str | None = None) -> None:
+        a = desired.assignment
+        self.client.publish(topic(self.device_id, "status"),
+                            encode(Status(self.device_id, desired.assignment_id, state, a.variant_id if a else None,
+                                          reason)), qos=1)
+        with self._cond:
+            self.status = state
+            self._cond.notify_all()
+
+    def _mark_applied(self, desired: Desired, status: str | None) -> None:
+        with self._cond:
+            self._applied = (desired.version, desired.assignment_id)
+            self.status = status
+            self._cond.notify_all()

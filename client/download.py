@@ -1,0 +1,114 @@
+"""Fetch, verify and install a variant into a device folder; nothing half-written is ever current.
+
+Layout of a device folder (what the Flower ClientApp loads):
+  blobs/<sha256>     verified blocks (content-addressed, shared between versions and variants)
+  partial/<sha256>   a block being downloaded; resumed with `Range` after an interruption
+  current.json       the installed variant's manifest bytes, replaced atomically as the very last step
+A block whose bytes do not hash to its name is deleted and refused, and current.json is left as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from shared.artifacts import BlobStore, Manifest, atomic_write, sha256_bytes
+from shared.errors import IntegrityError
+from shared.messages import Assignment
+
+CHUNK = 1 << 16
+MAX_MANIFEST_BYTES = 16 << 20
+TIMEOUT_S = 30.0
+
+
+class DownloadError(Exception):
+    """The coordinator could not be reached or answered with an error; worth retrying later."""
+
+
+def current_manifest_bytes(device_dir: Path) -> bytes | None:
+    path = Path(device_dir) / "current.json"
+    return path.read_bytes() if path.is_file() else None
+
+
+def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None,
+            on_verified=None) -> Manifest:
+    """Make `assignment` the device's current variant, downloading only the blocks it lacks."""
+    device_dir = Path(device_dir)
+    context = ssl.create_default_context(cafile=ca_file) if assignment.manifest_url.startswith("https:") else None
+    data = _get(assignment.manifest_url, context, limit=MAX_MANIFEST_BYTES)
+    if sha256_bytes(data) != assignment.manifest_sha256:
+        raise IntegrityError(f"manifest of {assignment.variant_id} does not match the sha256 in the assignment")
+    manifest = Manifest.from_bytes(data)
+    if (manifest.variant_id, manifest.version) != (assignment.variant_id, assignment.variant_version):
+        raise IntegrityError(f"manifest is {manifest.variant_id} v{manifest.version}, "
+                             f"assigned {assignment.variant_id} v{assignment.variant_version}")
+    store = BlobStore(device_dir / "blobs")
+    base = assignment.manifest_url.rsplit("/manifests/", 1)[0]
+    for block in manifest.blocks:
+        if not store.has(block.sha256):
+            fetch_blob(f"{base}/blobs/{block.sha256}", block.sha256, block.size, store,
+                       device_dir / "partial", context)
+    for block in manifest.blocks:  # every block of the variant, including ones already here
+        store.read(block.sha256)
+    if on_verified is not None:
+        on_verified(manifest)
+    atomic_write(device_dir / "current.json", data)
+    return manifest
+
+
+def fetch_blob(url: str, sha256: str, size: int, store: BlobStore, partial_dir: Path,
+               context: ssl.SSLContext | None = None) -> None:
+    """Download one block into `store`, resuming a partial file, and verify it before it gets its name."""
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    part = partial_dir / sha256
+    have = part.stat().st_size if part.is_file() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    if have < size:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as resp:
+                if resp.status == 200:  # the server sent everything: start over
+                    have = 0
+                with open(part, "ab" if have else "wb") as fh:
+                    while chunk := resp.read(CHUNK):
+                        have += len(chunk)
+                        if have > size:
+                            break
+                        fh.write(chunk)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # our partial file is not a prefix of theirs
+                part.unlink(missing_ok=True)
+            raise DownloadError(f"GET {url}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise DownloadError(f"GET {url}: {exc!r} after {have} of {size} bytes (will resume)") from None
+    if have < size:
+        raise DownloadError(f"GET {url}: connection ended after {have} of {size} bytes (will resume)")
+    digest = hashlib.sha256()
+    with open(part, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    if have != size or digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        raise IntegrityError(f"block {sha256[:12]} from {url} does not match its sha256 (got {have} of {size} bytes)",
+                             "the coordinator's copy is damaged or was tampered with")
+    store.root.mkdir(parents=True, exist_ok=True)
+    os.replace(part, store.path(sha256))
+
+
+def _get(url: str, context: ssl.SSLContext | None, limit: int) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S, context=context) as resp:
+            data = resp.read(limit + 1)
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"GET {url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise DownloadError(f"GET {url}: {exc!r}") from None
+    if len(data) > limit:
+        raise IntegrityError(f"{url} is larger than {limit} bytes")
+    return data
