@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 METHODS = ("fedavg", "trimmed_mean", "median")
-# Every reason an update can be refused for ("malformed" and "node_error" are decided while reading replies).
-REASONS = ("malformed", "node_error", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
+# Every reason an update can be refused for ("malformed" is decided while reading a reply).
+REASONS = ("malformed", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
            "nan", "inf", "norm")
 
 

@@ -1,0 +1,179 @@
+"""Running a federated fine-tuning job on Flower's deployment engine, and closing the loop without a coordinator.
+
+- `SuperLink`: `flower-superlink --insecure --disable-runtime-dependency-installation` (offline: our
+  dependencies are already installed, Flower must not `uv sync`) on one HTTP port, in its own process group.
+- `flwr_run`: submits this project as a Flower app (`flwr run`, which bundles the project folder into a FAB that
+  the SuperLink and SuperNodes unpack and import) with a run config, follows its log to the end and returns the
+  run's final status. The `flwr` CLI gets a scratch FLWR_HOME whose config.toml names the SuperLink.
+- `run_config`: the run config (`[tool.flwr.app.config]` keys) from a fleet config.
+- `commit_results`: each improved variant's new stitching weights become its next version in the catalog
+  (what the coordinator does when the ServerApp reports to it instead).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.local_data import data_to_flat
+from client.supernode import HOST, ManagedProcess, flower_env, flower_executable, free_port
+from shared.artifacts import bytes_to_tensors, with_new_stitch
+from shared.catalog import Catalog
+from shared.config import Config
+from shared.errors import ConfigError, RestnetError
+
+CONNECTION = "restnet"  # the connection name in the scratch FLWR_HOME/config.toml
+
+
+def app_dir() -> Path:
+    """The project folder `flwr run` bundles: the one holding the pyproject.toml with [tool.flwr.app]."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise RestnetError(f"no Flower app project at {root}",
+                           "run from a source checkout: flwr bundles the project folder, not an installed package")
+    return root
+
+
+class SuperLink:
+    """A local `flower-superlink` serving the Fleet, Control and Runtime APIs over HTTP on one port."""
+
+    def __init__(self, state_dir: Path, port: int | None = None):
+        self.state_dir = Path(state_dir)
+        self.port = port or free_port()
+        cmd = [flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+               "--host", HOST, "--port", str(self.port)]
+        self.process = ManagedProcess("superlink", cmd, self.state_dir / "superlink.log",
+                                      env={"FLWR_HOME": str(self.state_dir / "superlink-home")}, ports=(self.port,))
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "SuperLink":
+        self.process.start()
+        self.process.wait_ready(self.port, timeout)
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def run_config(cfg: Config, catalog_dir: Path, output_dir: Path, coordinator_url: str = "", min_nodes: int = 1,
+               rounds: int | None = None) -> dict:
+    """The ServerApp's run config for a fleet config (keys of pyproject's [tool.flwr.app.config])."""
+    fed = cfg.federated
+    return {"catalog": str(Path(catalog_dir).resolve()), "output-dir": str(Path(output_dir).resolve()),
+            "coordinator-url": coordinator_url, "num-server-rounds": rounds or fed.rounds,
+            "local-epochs": fed.local_epochs, "learning-rate": fed.lr, "batch-size": fed.batch_size,
+            "aggregation": fed.aggregation, "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
+            "min-nodes": min_nodes, **data_to_flat(cfg.data)}
+
+
+def _toml(values: dict) -> str:
+    """Flat TOML of scalars (JSON's string and number syntax is valid TOML for these)."""
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str  # Flower's: finished:completed, finished:failed, finished:stopped
+    details: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def _flwr(args: list[str], flwr_home: Path, timeout: float = 120.0) -> str:
+    proc = subprocess.run([flower_executable("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=flower_env({"FLWR_HOME": str(flwr_home)}))
+    if proc.returncode != 0:
+        raise RestnetError(f"`flwr {' '.join(args[:2])}` failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
+    return proc.stdout
+
+
+def _json_tail(text: str) -> dict:
+    """The JSON document `flwr ... --format json` prints (after any plain lines)."""
+    start = text.find("{")
+    if start < 0:
+        raise RestnetError(f"flwr printed no JSON: {text.strip()[-400:]}")
+    return json.loads(text[start:])
+
+
+def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Path, timeout: float = 3600.0,
+             echo=None) -> RunOutcome:
+    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status."""
+    flwr_home = Path(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{superlink_address}"\ninsecure = true\n')
+    overrides = flwr_home / "run-config.toml"
+    overrides.write_text(_toml(config))
+    started = time.monotonic()
+    answer = _json_tail(_flwr(["run", str(app_dir()), CONNECTION, "--run-config", str(overrides),
+                               "--format", "json"], flwr_home))
+    if not answer.get("success"):
+        raise RestnetError(f"the SuperLink did not start the run: {answer}")
+    run_id = str(answer["run-id"])
+    _follow_log(run_id, flwr_home, Path(log_path), timeout, echo)
+    runs = _json_tail(_flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"], flwr_home))["runs"]
+    return RunOutcome(run_id, runs[0]["status"], runs[0].get("status-details", ""), time.monotonic() - started)
+
+
+def _follow_log(run_id: str, flwr_home: Path, log_path: Path, timeout: float, echo) -> None:
+    """`flwr log --stream` ends when the run has finished; stop the run if it outlasts `timeout`."""
+    cmd = [flower_executable("flwr"), "log", run_id, CONNECTION, "--stream"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=flower_env({"FLWR_HOME": str(flwr_home)}))
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if echo:
+                    echo(line.rstrip("\n"))
+        proc.wait()
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        _flwr(["stop", run_id, CONNECTION], flwr_home)
+        raise RestnetError(f"run {run_id} did not finish within {timeout:.0f}s; stopped it", f"see {log_path}")
+
+
+def commit_results(catalog_dir: Path, results_dir: Path) -> list[tuple[str, int]]:
+    """Store each improved variant's new stitching weights as its next catalog version, with its accuracy.
+
+    Refuses a variant whose catalog version moved on since the run started (someone else published)."""
+    catalog = Catalog.load(catalog_dir)
+    results = json.loads((Path(results_dir) / "results.json").read_text())
+    committed = []
+    for vid, entry in sorted(results["variants"].items()):
+        if not entry.get("improved"):
+            continue
+        rec = catalog.get(vid)
+        manifest = catalog.manifest(vid)
+        if manifest.version != entry["base_version"]:
+            raise ConfigError(f"{vid} is at version {manifest.version} in the catalog, the run started from "
+                              f"version {entry['base_version']}", "run the federation again from the new version")
+        state = bytes_to_tensors((Path(results_dir) / entry["stitch_file"]).read_bytes())
+        rec.accuracy = float(entry["accuracy"])
+        catalog.add_manifest(rec, with_new_stitch(manifest, state, catalog.store, rec.to_dict()))
+        committed.append((vid, rec.version))
+    catalog.save()
+    return committed
