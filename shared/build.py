@@ -130,11 +130,14 @@ def pair_costs(front: BlockedModel, behind: BlockedModel, cal: Calibration, x1: 
     b_block = _block_costs(behind, [x1] + [a[:1] for a in cal.behind_acts], measure_latency)
     na, nb = len(cal.front_acts), len(cal.behind_acts)
     stitch_params, stitch_flops = np.zeros((na, nb)), np.zeros((na, nb))
+    seen: dict[tuple, tuple[int, int]] = {}  # a stitch's cost depends only on the two specs and the input shape
     for a in range(na):
         for b in range(nb):
-            layer = StitchingLayer(f_specs[a], b_specs[b])
-            stitch_params[a, b] = C.count_params(layer)
-            stitch_flops[a, b] = C.count_flops(layer, cal.front_acts[a][:1])
+            key = (f_specs[a], b_specs[b], tuple(cal.front_acts[a].shape[1:]))
+            if key not in seen:
+                layer = StitchingLayer(f_specs[a], b_specs[b])
+                seen[key] = C.count_params(layer), C.count_flops(layer, cal.front_acts[a][:1])
+            stitch_params[a, b], stitch_flops[a, b] = seen[key]
     f_cum = {k: np.cumsum(v)[:na, None] for k, v in f_block.items()}  # front blocks 0..a
     b_suf = {k: np.cumsum(v[::-1])[::-1][1:nb + 1][None, :] for k, v in b_block.items()}  # behind blocks b+1..end
     params = f_cum["params"] + stitch_params + b_suf["params"]
@@ -196,14 +199,18 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
                     cfg.catalog.measure_latency and metric == "latency")
     timings["pair_costs_s"] = time.perf_counter() - t
     cost = pc.metric(metric)
-    budgets = cfg.catalog.budgets or default_budgets(cal.cka, cost, cfg.catalog.sweep)
+    if cfg.catalog.budgets:
+        budgets, floor = cfg.catalog.budgets, 0.0
+    else:  # the paper's range: from the smaller base model's cost to the larger one's
+        low, high = sorted(_base_cost(m, x1, metric) for m in (front_m, behind_m))
+        budgets, floor = default_budgets(low, high, cfg.catalog.sweep), low
+        log(f"budget sweep: {len(budgets)} bands of {metric} from {low:g} to {high:g}")
 
     t = time.perf_counter()
-    chosen = sweep(cal.cka, cost, budgets)
+    chosen = sweep(cal.cka, cost, budgets, floor)
     unfit = [bud for bud in budgets if not any(bud in picked for picked in chosen.values())]
     if unfit:
-        log(f"no variant fits budget(s) {', '.join(f'{u:g}' for u in unfit)} {metric}; "
-            f"the cheapest needs {np.nanmin(np.where(np.isfinite(cal.cka), cost, np.nan)):g}")
+        log(f"no block pair falls in the band of budget(s) {', '.join(f'{u:g}' for u in unfit)} {metric}")
     timings["selection_s"] = time.perf_counter() - t
 
     front_info = _model_info(front_cfg, cfg, front, front_m, x1, front_acc)
@@ -247,8 +254,15 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
         log(f"[{n + 1}/{len(chosen)}] {vid}: cka {rec.cka:.3f}, {rec.params / 1e6:.3f}M params, "
             f"LS residual {residual:.3f}, accuracy {acc_init:.4f} -> {acc:.4f}")
     catalog.save(out)
-    write_cka(out / catalog.cka_file, cal, front, behind, pc, chosen, metric)
+    write_cka(out / catalog.cka_file, cal, front, behind, pc.metric(metric), chosen, metric, budgets, floor)
     return BuildReport(catalog, timings)
+
+
+def _base_cost(model: nn.Module, x1: torch.Tensor, metric: str) -> float:
+    """A base model's cost in the budget metric (the ends of the default budget sweep)."""
+    measure = {"params": lambda: C.count_params(model), "flops": lambda: C.count_flops(model, x1),
+               "memory": lambda: C.inference_peak_bytes(model, x1), "latency": lambda: C.latency_ms(model, x1)}
+    return float(measure[metric]())
 
 
 def _model_info(mc: ModelConfig, cfg: Config, bm: BlockedModel, model: nn.Module, x1: torch.Tensor,
@@ -274,8 +288,8 @@ def measure_variant(model: StitchedModel, x1: torch.Tensor, train, measure_laten
     }
 
 
-def write_cka(path: Path, cal: Calibration, front: BlockedModel, behind: BlockedModel, pc: PairCosts,
-              chosen: dict, metric: str) -> None:
+def write_cka(path: Path, cal: Calibration, front: BlockedModel, behind: BlockedModel, cost: np.ndarray,
+              chosen: dict, metric: str, budgets: list[float], floor: float) -> None:
     doc = {
         "front_blocks": list(front.block_names[:-1]),
         "behind_blocks": list(behind.block_names[:-1]),
@@ -285,7 +299,9 @@ def write_cka(path: Path, cal: Calibration, front: BlockedModel, behind: Blocked
         "repeats": cal.repeats,
         "estimator": "linear CKA, unbiased HSIC (Song et al. 2012), minibatch-accumulated in float64",
         "budget_metric": metric,
-        "cost": pc.metric(metric).tolist(),
+        "cost": cost.tolist(),
+        "budgets": sorted(budgets),
+        "budget_floor": floor,
         "chosen": [[a, b] for a, b in chosen],
     }
     atomic_write(path, json.dumps(_finite(doc)).encode())

@@ -27,6 +27,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 64
+    augment: str = "none"  # none | shift (random 2-pixel shifts) | shift+flip (also horizontal flips)
 
 
 @dataclass
@@ -218,6 +219,11 @@ def _check(cfg: Config) -> None:
     need(cfg.catalog.direction in DIRECTIONS, f"catalog.direction must be one of {DIRECTIONS}")
     need(cfg.catalog.budget_metric in BUDGET_METRICS, f"catalog.budget_metric must be one of {BUDGET_METRICS}")
     need(cfg.catalog.init in ("least_squares", "random"), "catalog.init must be least_squares or random")
+    for where, t in (("large.train", cfg.large.train), ("small.train", cfg.small.train),
+                     ("catalog.finetune", cfg.catalog.finetune)):
+        if t is not None:
+            need(t.augment in ("none", "shift", "shift+flip"), f"{where}.augment must be none, shift or shift+flip")
+            need(t.epochs >= 0 and t.batch_size > 0 and t.lr > 0, f"{where}: epochs >= 0, batch_size > 0, lr > 0")
     need(cfg.catalog.strategy in STRATEGIES, f"catalog.strategy must be one of {STRATEGIES}")
     need(cfg.catalog.sweep >= 1 or bool(cfg.catalog.budgets), "catalog.sweep must be >= 1 when no budgets are given")
     need(all(b > 0 for b in cfg.catalog.budgets), "catalog.budgets must be positive")

@@ -27,24 +27,33 @@ def select(cka: np.ndarray, cost: np.ndarray, budget: float) -> tuple[int, int] 
     return None
 
 
-def default_budgets(cka: np.ndarray, cost: np.ndarray, count: int) -> list[float]:
-    """`count` budgets evenly spaced from the cheapest defined pair to the most expensive one."""
-    defined = cost[np.isfinite(cka)]
-    if defined.size == 0:
-        raise BudgetError("no block pair has a defined CKA value", "use more calibration examples")
-    lo, hi = float(defined.min()), float(defined.max())
-    return [lo] if count == 1 or lo == hi else [float(v) for v in np.linspace(lo, hi, count)]
+def default_budgets(low: float, high: float, count: int) -> list[float]:
+    """`count` budgets evenly spaced above `low` up to `high` (by default: the smaller and the larger base
+    model's cost, the range the paper's variants span)."""
+    if not high > low:
+        raise BudgetError(f"cannot sweep budgets from {low:g} to {high:g}", "give catalog.budgets explicitly")
+    return [float(v) for v in np.linspace(low, high, count + 1)[1:]]
 
 
-def sweep(cka: np.ndarray, cost: np.ndarray, budgets: list[float]) -> dict[tuple[int, int], list[float]]:
-    """Each chosen pair with the budgets that chose it (several budgets may pick the same pair)."""
+def sweep(cka: np.ndarray, cost: np.ndarray, budgets: list[float],
+          floor: float = -np.inf) -> dict[tuple[int, int], list[float]]:
+    """One variant per budget band, so a catalog spans the whole range.
+
+    Plain Algorithm 1 under a growing budget keeps choosing the same cheap, very similar pair; a sweep
+    instead applies it within each band (previous budget, budget], the first band starting at `floor`.
+    Returns each chosen pair with the budget(s) that chose it; bands with no defined pair are skipped.
+    """
     chosen: dict[tuple[int, int], list[float]] = {}
+    lower = floor
     for budget in sorted(budgets):
-        pair = select(cka, cost, budget)
+        in_band = np.where(cost > lower, cost, np.inf)
+        pair = select(cka, in_band, budget)
         if pair is not None:
             chosen.setdefault(pair, []).append(budget)
+        lower = budget
     if not chosen:
-        cheapest = float(np.nanmin(np.where(np.isfinite(cka), cost, np.nan)))
+        defined = cost[np.isfinite(cka)]
+        cheapest = float(defined.min()) if defined.size else float("nan")
         raise BudgetError(f"no stitched variant fits any budget (largest {max(budgets):g}); "
                           f"the cheapest needs {cheapest:g}", "raise catalog.budgets")
     return chosen

@@ -46,9 +46,26 @@ def cache_front_outputs(model: nn.Module, dataset: TensorDataset, batch_size: in
     return TensorDataset(torch.cat(outs), torch.cat(labels))
 
 
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 pixels (zero padding), optionally horizontal flips."""
+    if kind == "none":
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (2, 2, 2, 2))
+    dy, dx = torch.randint(0, 5, (2, len(x)), generator=generator).tolist()
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(len(x))])
+    if kind == "shift+flip":
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
 def fit(forward, params: list[nn.Parameter], dataset: TensorDataset, cfg: TrainConfig, desc: str = "train",
-        progress: bool = True, seed: int = 0, train_modules: list[nn.Module] = ()) -> dict:
-    """SGD with momentum and a cosine schedule over `params`, cross-entropy on `forward(x)`."""
+        progress: bool = True, seed: int = 0, train_modules: list[nn.Module] = (), augment: bool = True) -> dict:
+    """SGD with momentum and a cosine schedule over `params`, cross-entropy on `forward(x)`.
+
+    `augment=False` for inputs that are not images (cached front outputs)."""
+    g_aug = torch.Generator().manual_seed(seed + 7)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loader = _loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
     steps = max(cfg.epochs * len(loader), 1)
@@ -60,6 +77,8 @@ def fit(forward, params: list[nn.Parameter], dataset: TensorDataset, cfg: TrainC
     for _ in range(cfg.epochs):
         loss_sum, seen = 0.0, 0
         for x, y in loader:
+            if augment:
+                x = augment_batch(x, cfg.augment, g_aug)
             loss = F.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -88,12 +107,13 @@ def finetune(model: nn.Module, train: TensorDataset, cfg: TrainConfig, strategy:
     torch.manual_seed(seed)
     trainable = model.set_strategy(strategy)
     params = [p for p in model.parameters() if p.requires_grad]
-    if strategy == "stitch" and cached:
+    use_cache = strategy == "stitch" and cached and cfg.augment == "none"  # augmented inputs differ every epoch
+    if use_cache:
         data, forward = cache_front_outputs(model, train), model.forward_from_front
     else:
         data, forward = train, model
     model.train()
-    stats = fit(forward, params, data, cfg, desc, progress, seed)
+    stats = fit(forward, params, data, cfg, desc, progress, seed, augment=not use_cache)
     model.eval()
     stats["trainable_params"] = trainable
     return stats

@@ -43,14 +43,35 @@ def test_budget_below_every_pair_selects_nothing_and_sweep_says_why():
         sweep(cka, cost, [1.0, 5.0])
 
 
-def test_sweep_groups_budgets_by_chosen_pair():
+def test_sweep_picks_the_best_pair_within_each_band():
     cka = np.array([[0.3, 0.9], [0.6, 0.1]])
     cost = np.array([[1.0, 10.0], [5.0, 2.0]])
-    chosen = sweep(cka, cost, [1.0, 4.0, 6.0, 12.0])
-    assert chosen == {(0, 0): [1.0, 4.0], (1, 0): [6.0], (0, 1): [12.0]}
+    # bands (-inf, 1], (1, 4], (4, 6], (6, 12]: (0,0); (1,1) is the only pair in (1,4]; (1,0); (0,1)
+    assert sweep(cka, cost, [1.0, 4.0, 6.0, 12.0]) == {(0, 0): [1.0], (1, 1): [4.0], (1, 0): [6.0], (0, 1): [12.0]}
+    # a floor drops everything at or below it; an empty band is skipped
+    assert sweep(cka, cost, [4.0, 4.5, 12.0], floor=2.0) == {(0, 1): [12.0]}
 
 
-def test_default_budgets_span_the_defined_costs():
-    cka = np.array([[0.3, np.nan], [0.6, 0.1]])
-    cost = np.array([[1.0, 100.0], [5.0, 3.0]])
-    assert default_budgets(cka, cost, 3) == [1.0, 3.0, 5.0]
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 6), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_sweep_matches_brute_force_per_band(na, nb, seed):
+    rng = np.random.default_rng(seed)
+    cka = rng.uniform(0, 1, (na, nb))
+    cost = rng.uniform(1, 100, (na, nb))
+    budgets = sorted(rng.uniform(1, 100, 4).tolist())
+    try:
+        chosen = sweep(cka, cost, budgets, floor=0.0)
+    except BudgetError:
+        chosen = {}
+    lower = 0.0
+    for budget in budgets:
+        band = np.where(cost > lower, cost, np.inf)
+        expected = brute_force(cka, band, budget)
+        assert (expected is None) or budget in chosen[expected]
+        lower = budget
+
+
+def test_default_budgets_span_the_two_base_models():
+    assert default_budgets(1.0, 5.0, 4) == [2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(BudgetError):
+        default_budgets(5.0, 1.0, 3)
