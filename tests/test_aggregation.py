@@ -151,3 +151,108 @@ def test_no_accepted_update_keeps_current_weights_and_earlier_counts():
     for key in cur:
         assert torch.equal(res.state[key], cur[key])
         assert res.state[key] is not cur[key]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ServerApp's round loop over an in-process grid: real ClientApp code and real Flower messages, no processes.
+
+
+class InProcessGrid:
+    """Delivers each message to a handler at once; `get_node_ids`/`push_messages`/`pull_messages` as a Grid."""
+
+    def __init__(self, handlers):
+        self.handlers, self.replies = handlers, {}
+
+    def get_node_ids(self):
+        return list(self.handlers)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.replies[msg.object_id] = self.handlers[msg.metadata.dst_node_id](msg)
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def _device_handler(node_id, node_data):
+    from flwr.app import Context, RecordDict
+
+    from client.fl_client import app
+
+    return lambda msg: app(msg, Context(run_id=7, node_id=node_id, node_config=node_data.to_node_config(),
+                                        state=RecordDict(), run_config={}))
+
+
+def _poisoner(kind, honest_handler, other_variant):
+    """A node that answers queries honestly, then returns a poisoned version of the weights it was sent."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    def handle(msg):
+        if msg.metadata.message_type == MessageType.QUERY:
+            return honest_handler(msg)
+        state = {k: torch.from_numpy(a.numpy()) for k, a in msg.content.array_records["stitch"].items()}
+        variant = str(msg.content.config_records["config"]["variant-id"])
+        key = sorted(state)[-1]
+        if kind == "nan":
+            state[key] = state[key].clone().fill_(float("nan"))
+        elif kind == "inf":
+            state[key] = state[key].clone().fill_(float("inf"))
+        elif kind == "wrong_shape":
+            state[key] = torch.zeros(state[key].numel() + 1)
+        elif kind == "norm":
+            state = {k: 1000.0 * v for k, v in state.items()}
+        elif kind == "wrong_variant":
+            variant = other_variant
+        content = RecordDict({"stitch": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10_000}),
+                              "variant": ConfigRecord({"variant-id": variant})})
+        return Message(content, reply_to=msg)
+
+    return handle
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps new messages with the identity of the process's task; give this process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.slow
+def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(tiny_catalog, tmp_path, task_identity):
+    from client.local_data import NodeData, install_from_catalog
+    from server.fl_server import RunSettings, run_federation
+    from shared.config import DataConfig, PartitionConfig
+
+    vid, other = tiny_catalog.variants[0].id, tiny_catalog.variants[1].id
+    data = DataConfig(dataset="digits", image_size=32, channels=1)
+
+    def node(i, n):
+        nd = NodeData(tmp_path / f"dev{i}", data, i, n, PartitionConfig("dirichlet", 0.5, 0))
+        install_from_catalog(tiny_catalog, vid, nd.device_dir)
+        return nd
+
+    def settings(out):
+        return RunSettings(catalog=tiny_catalog.root, data=data, rounds=1, local_epochs=1, lr=0.02,
+                           query_timeout=5, round_timeout=5, output_dir=tmp_path / out)
+
+    honest = {100 + i: _device_handler(100 + i, node(i, 2)) for i in range(2)}
+    kinds = ("nan", "inf", "wrong_shape", "wrong_variant", "norm")
+    handlers = dict(honest)
+    for k, kind in enumerate(kinds):
+        handlers[200 + k] = _poisoner(kind, honest[100], other)
+
+    mixed = run_federation(InProcessGrid(handlers), settings("mixed"), run_id=7)
+    clean = run_federation(InProcessGrid(honest), settings("clean"), run_id=8)
+
+    (rec,) = mixed["rounds"]
+    assert rec["variant_id"] == vid and rec["num_nodes"] == 7 and rec["num_updates"] == 2
+    assert rec["rejected"] == {kind: 1 for kind in kinds}
+    assert rec["stitch_sha256"] == clean["rounds"][0]["stitch_sha256"]  # bit-identical to the honest-only run
+    assert (tmp_path / "mixed" / f"{vid}.safetensors").read_bytes() == (tmp_path / "clean" / f"{vid}.safetensors").read_bytes()
+    assert 0.0 <= rec["accuracy"] <= 1.0
