@@ -29,6 +29,8 @@ class MessageError(Exception):
     """A rejected message: `code` (one of ERROR_CODES) for machines, the text for people."""
 
     def __init__(self, code: str, message: str, request_id: str | None = None):
+        # The text may quote the sender's input and travels back in an error reply: keep it printable and short.
+        message = "".join(c if c.isprintable() else "?" for c in message)[:1024]
         super().__init__(message)
         self.code, self.message, self.request_id = code, message, request_id
 
@@ -234,7 +236,7 @@ class _Fields:
     def done(self):
         extra = sorted(map(str, set(self.data) - self.seen))
         if extra:
-            raise _Invalid(f"unknown field(s) {', '.join(extra)[:80]}")
+            raise _Invalid(f"unknown field(s) {', '.join(map(repr, extra))[:80]}")
 
 
 _MAX_INT = 2**53  # JSON numbers beyond this lose precision in other languages

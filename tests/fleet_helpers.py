@@ -277,16 +277,10 @@ class RawClient:
         import queue
         import threading
 
-        import paho.mqtt.client as mqtt
+        from server.broker import make_client
 
-        from server.broker import parse_url
-
-        self.address = parse_url(url)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if self.address.tls:
-            self.client.tls_set(ca_certs=ca_file)
+        self.client, self.address = make_client(BrokerConfig(url=url, ca_file=ca_file), client_id, username, password,
+                                                clean_session=True)
         self.messages: "queue.Queue" = queue.Queue()
         self.connack = None
         self._connected = threading.Event()
@@ -369,3 +363,15 @@ def http(url: str, data: bytes | None = None, headers: dict | None = None, ca_fi
             return resp.status, resp.read(), resp.headers
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), exc.headers
+
+
+def write_config(path: Path, fleet: FleetConfig) -> Path:
+    """A complete fleet config YAML (the CLI's input) around `fleet`."""
+    from dataclasses import asdict
+
+    import yaml
+
+    doc = {"name": "fleet-test", "large": {"name": "cifar_vgg13"}, "small": {"name": "cifar_vgg11"},
+           "fleet": asdict(fleet)}
+    path.write_text(yaml.safe_dump(doc))
+    return path
