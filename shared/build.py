@@ -101,15 +101,18 @@ def prepare_bases(cfg: Config, train, val, out: Path, progress: bool, log) -> di
 
 
 @torch.no_grad()
-def calibrate(front: BlockedModel, behind: BlockedModel, batches: list[torch.Tensor]) -> Calibration:
-    """One forward pass of each model per calibration batch; CKA accumulated over the batches."""
+def calibrate(front: BlockedModel, behind: BlockedModel, batches: list[torch.Tensor],
+              chunk: int | None = None) -> Calibration:
+    """One forward pass of each model per calibration batch; CKA accumulated over the batches.
+
+    `chunk` bounds how many examples go through a model at once (memory), not the CKA batch size."""
     acc = CKAAccumulator(len(front.blocks) - 1, len(behind.blocks) - 1)
     kept_f = kept_b = None
     t_fwd = t_cka = 0.0
     for x in batches:
         t0 = time.perf_counter()
-        fa = block_outputs(front, x)[:-1]
-        fb = block_outputs(behind, x)[:-1]
+        fa = _outputs_in_chunks(front, x, chunk)[:-1]
+        fb = _outputs_in_chunks(behind, x, chunk)[:-1]
         t1 = time.perf_counter()
         acc.update(fa, fb)
         t_cka += time.perf_counter() - t1
@@ -120,6 +123,13 @@ def calibrate(front: BlockedModel, behind: BlockedModel, batches: list[torch.Ten
     cka = acc.result()
     t_cka += time.perf_counter() - t1
     return Calibration(cka, acc.undefined_reasons(), kept_f, kept_b, len(batches[0]), len(batches), t_fwd, t_cka)
+
+
+def _outputs_in_chunks(bm: BlockedModel, x: torch.Tensor, chunk: int | None) -> list[torch.Tensor]:
+    if chunk is None or chunk >= len(x):
+        return block_outputs(bm, x)
+    parts = [block_outputs(bm, x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    return [torch.cat(outs) for outs in zip(*parts)]
 
 
 @torch.no_grad()
@@ -186,7 +196,7 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
 
     batches = calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats, cfg.data.seed)
     x1 = batches[0][:1]
-    cal = calibrate(front, behind, batches)
+    cal = calibrate(front, behind, batches, cfg.data.calibration.batch_size)
     timings["calibration_forward_s"], timings["cka_s"] = cal.seconds_forward, cal.seconds_cka
     log(f"CKA: {cal.cka.shape[0]}x{cal.cka.shape[1]} block pairs over {cal.repeats} x {cal.examples} examples"
         + (f", {len(cal.undefined)} undefined" if cal.undefined else ""))

@@ -115,13 +115,14 @@ def _prepare(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return x.contiguous()
 
 
-def _to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialise a torchvision dataset of PIL images into tensors."""
+def _to_tensors(ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise a torchvision dataset of PIL images (of any sizes) into tensors of size x size."""
     from torchvision.transforms.functional import pil_to_tensor
 
     xs, ys = [], []
     for img, label in ds:
-        xs.append(pil_to_tensor(img.convert("RGB")).float() / 255.0)
+        x = pil_to_tensor(img.convert("RGB")).float().unsqueeze(0) / 255.0
+        xs.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
         ys.append(label)
     if not xs:
         raise ConfigError("the dataset folder holds no images")
@@ -155,8 +156,8 @@ def _imagefolder(cfg: DataConfig):
             train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
             if train.classes != val.classes:
                 raise ConfigError(f"{root}/train and {root}/val have different classes")
-            return _to_tensors(train), _to_tensors(val)
-        x, y = _to_tensors(ImageFolder(str(root)))
+            return _to_tensors(train, cfg.image_size), _to_tensors(val, cfg.image_size)
+        x, y = _to_tensors(ImageFolder(str(root)), cfg.image_size)
     except FileNotFoundError as exc:
         raise ConfigError(f"{root}: {exc}", "expected one sub-folder of images per class") from exc
     return _split(x, y, cfg.val_fraction, cfg.seed)

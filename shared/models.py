@@ -43,7 +43,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise ModelError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"checkpoint {path} does not fit the model: {str(exc).splitlines()[-1].strip()[:200]}",
+                         "check the model name and kwargs (num_classes, in_chans, width) in the config") from None
     if missing or unexpected:
         raise ModelError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}",
                          "check the model name and kwargs (num_classes, in_chans, width) in the config")

@@ -44,7 +44,7 @@ def test_imagefolder_from_a_small_folder(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(6):
-            arr = (rng.uniform(size=(12, 10, 3)) * 255).astype("uint8")
+            arr = (rng.uniform(size=(12 + i, 10 + 2 * i, 3)) * 255).astype("uint8")  # sizes differ
             Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
     train, val = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.34))
     assert train.tensors[0].shape[1:] == (3, 8, 8)
