@@ -49,7 +49,8 @@ def wait_settled(agents: list[DeviceAgent], timeout: float) -> list[DeviceAgent]
 def describe(agent: DeviceAgent) -> str:
     d = agent.desired
     if d is None:
-        return f"{agent.device_id}: waiting for an assignment"
+        refused = f" (the broker refused the login: {agent.connect_error})" if agent.connect_error else ""
+        return f"{agent.device_id}: waiting for an assignment{refused}"
     if d.assignment is None:
         return f"{agent.device_id}: refused: {d.refusal.message}"
     a = d.assignment

@@ -72,10 +72,10 @@ _STOP = object()
 
 
 class Coordinator:
-    def __init__(self, fleet: FleetConfig, catalog: Catalog, client_id: str | None = None):
+    def __init__(self, fleet: FleetConfig, catalog: Catalog):
         self.fleet = fleet
         self.catalog = catalog
-        self.client_id = client_id or fleet.broker.username or "restnet-coordinator"
+        self.client_id = fleet.broker.username or "restnet-coordinator"  # Mosquitto: client id = username
         self.registry = Registry(fleet.registry)
         self.metrics = FleetMetrics(self.registry)
         self.assigner = Assigner(catalog.variants, fleet.memory_margin)
@@ -198,7 +198,11 @@ class Coordinator:
                         except Exception as exc:  # reported to whoever submitted the task
                             item.error = exc
                     else:
-                        self._handle(item, out, now)
+                        try:
+                            self._handle(item, out, now)
+                        except Exception:  # a bug or a broken catalog must not stop the other messages
+                            log.exception("could not handle a message on %s", item.topic[:120])
+                            self.metrics.rejected.labels("internal").inc()
                 if sweep:
                     self.registry.mark_stale(now - self.fleet.stale_after_s)
         except Exception:  # the registry failed to commit: nothing is published, nothing acknowledged
@@ -208,7 +212,8 @@ class Coordinator:
                     item.error = item.error or RuntimeError("registry commit failed")
                     item.done.set()
             return
-        self.metrics.batch_size.observe(len(batch))
+        if batch:
+            self.metrics.batch_size.observe(len(batch))
         for o in out:
             self.client.publish(o.topic, o.payload, qos=1, retain=o.retain)
             if o.retain:

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from fleet_helpers import (DEVICES, assert_assignment_ok, broker_fleet, device_agents, embedded_broker_url,  # noqa: F401
                            fleet_config, fleet_coordinator, free_port, http, metric, mosquitto_broker, profile_of,
-                           raw_clients, synthetic_catalog, _synthetic_catalog_template, wait_until)
+                           raw_clients, synthetic_catalog, _synthetic_catalog_template, wait_until, write_config)
 
 from client.download import fetch_blob
 from client.fleet_sim import settled, wait_settled
@@ -273,3 +279,31 @@ def test_blobs_support_ranges_and_downloads_resume(tmp_path, embedded_broker_url
     assert not (partial / other.sha256).exists() and not store.has(other.sha256)
     fetch_blob(f"{coordinator.public_url}/blobs/{other.sha256}", other.sha256, other.size, store, partial)
     assert store.has(other.sha256)
+
+
+def test_devices_command_simulates_the_configured_fleet(tmp_path, embedded_broker_url, synthetic_catalog,
+                                                        fleet_coordinator):
+    fleet = fleet_config(tmp_path, embedded_broker_url)
+    fleet_coordinator(fleet, synthetic_catalog)
+    config = write_config(tmp_path / "fleet.yaml", fleet)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli_fleet", "devices", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    watchdog = threading.Timer(60, proc.kill)  # never hang the suite on a silent child
+    watchdog.start()
+    try:
+        installed = set()
+        for line in proc.stdout:
+            if line.strip().endswith("INSTALLED"):
+                installed.add(line.split(":")[0])
+            if len(installed) == len(DEVICES):
+                break
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert installed == {d.id for d in DEVICES}
+    for d in DEVICES:
+        manifest = Manifest.from_bytes((Path(fleet.device_root) / d.id / "current.json").read_bytes())
+        assert_assignment_ok(synthetic_catalog, profile_of(d), manifest.variant_id)
