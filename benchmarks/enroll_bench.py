@@ -205,7 +205,8 @@ def main() -> int:
         gen.close()
 
         text = _get(metrics_url) or ""
-        batches = _sample(text, "fleet_commit_batch_messages_sum") / max(1.0, _sample(text, "fleet_commit_batch_messages_count"))
+        commits = max(1.0, _sample(text, "fleet_commit_batch_messages_count"))
+        batches = _sample(text, "fleet_commit_batch_messages_sum") / commits
         print(f"coordinator: mean group-commit batch {batches:.1f} messages; assignments off-budget or not best: "
               f"{violations}")
         burst_rates = [results[f"burst N={n}"]["rate"] for n in args.sizes]

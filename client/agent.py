@@ -17,8 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-import paho.mqtt.client as mqtt
-
 from client.download import DownloadError, current_manifest_bytes, install
 from server.broker import make_client
 from shared.artifacts import Manifest, atomic_write, sha256_bytes

@@ -374,7 +374,8 @@ def _check_same_layout(current: dict, new: dict) -> None:
     for name, t in new.items():
         ref = current[name]
         if t.shape != ref.shape or t.dtype != ref.dtype:
-            raise ApiError(400, f"stitch tensor {name}: {t.dtype}{list(t.shape)}, expected {ref.dtype}{list(ref.shape)}")
+            raise ApiError(400, f"stitch tensor {name}: {t.dtype}{list(t.shape)}, "
+                                f"expected {ref.dtype}{list(ref.shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ApiError(400, f"stitch tensor {name} has non-finite values")
 
@@ -398,6 +399,7 @@ def _check_report(r, variants: set[str]) -> dict:
     if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float))
                             or not math.isfinite(acc) or not 0 <= acc <= 1):
         raise ApiError(400, "accuracy must be null or a number in [0, 1]")
-    if not isinstance(r["rejected"], dict) or not all(isinstance(k, str) and count(v) for k, v in r["rejected"].items()):
+    rejected = r["rejected"]
+    if not isinstance(rejected, dict) or not all(isinstance(k, str) and count(v) for k, v in rejected.items()):
         raise ApiError(400, "rejected must map reasons to non-negative integer counts")
     return r

@@ -357,7 +357,8 @@ def http(url: str, data: bytes | None = None, headers: dict | None = None, ca_fi
     import urllib.request
 
     context = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") else None
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    method = "POST" if data is not None else "GET"
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=10, context=context) as resp:
             return resp.status, resp.read(), resp.headers

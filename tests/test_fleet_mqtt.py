@@ -11,18 +11,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
-from fleet_helpers import (DEVICES, assert_assignment_ok, broker_fleet, device_agents, embedded_broker_url,  # noqa: F401
-                           fleet_config, fleet_coordinator, free_port, http, metric, mosquitto_broker, profile_of,
-                           raw_clients, synthetic_catalog, _synthetic_catalog_template, wait_until, write_config)
+from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, broker_fleet,  # noqa: F401
+                           device_agents, embedded_broker_url, fleet_config, fleet_coordinator, free_port, http,
+                           metric, mosquitto_broker, profile_of, raw_clients, synthetic_catalog, wait_until,
+                           write_config)
 
 from client.download import fetch_blob
 from client.fleet_sim import settled, wait_settled
-from shared.artifacts import BlobStore, Manifest, load_variant, sha256_bytes, tensors_to_bytes, bytes_to_tensors
+from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, load_variant, sha256_bytes, tensors_to_bytes
 from shared.errors import IntegrityError
 from shared.messages import Enroll, Profile, decode_desired, encode, topic
-
-import pytest
 
 
 def blob_requests(coordinator) -> float:

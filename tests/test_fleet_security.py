@@ -56,7 +56,8 @@ def test_a_device_can_neither_write_nor_read_another_devices_topics(tmp_path, mo
     received = []
     while (message := intruder.next_message(timeout=3)) is not None:
         received.append(message)
-        if message[0] == topic(intruder_cfg.id, "desired") and decode_desired(intruder_cfg.id, message[1]).request_id == "own":
+        own = message[0] == topic(intruder_cfg.id, "desired")
+        if own and decode_desired(intruder_cfg.id, message[1]).request_id == "own":
             break
     assert received and all(t == topic(intruder_cfg.id, "desired") for t, _ in received)
     assert_assignment_ok(synthetic_catalog, profile_of(intruder_cfg),

@@ -35,7 +35,8 @@ def test_round_trips():
     }
     for kind, msg in msgs.items():
         assert decode(kind, "dev-1", encode(msg)) == msg
-    desired = Desired("dev-1", 2, "abc", "r1", Assignment("v.1_2", 3, "http://h/manifests/v.1_2/v3.json", SHA, 10), None)
+    assignment = Assignment("v.1_2", 3, "http://h/manifests/v.1_2/v3.json", SHA, 10)
+    desired = Desired("dev-1", 2, "abc", "r1", assignment, None)
     assert decode_desired("dev-1", encode(desired)) == desired
     refusal = Desired("dev-1", 1, "abc", "r1", None, Refusal("too small", {"variant_id": "v", "memory_mb": 9.6,
                                                                              "compute": None}))
