@@ -3,8 +3,9 @@
 The compute score is relative to the catalog's reference CPU (the catalog's `latency_ms` are measured there, so a
 variant runs in about `latency_ms / compute` on the device). `benchmark_compute` estimates it from a short
 float32 matmul benchmark: REFERENCE_GFLOPS is what that benchmark reaches on the 2-core machines the reference
-catalogs are built on, so 1.0 means "like the build machine". Simulated devices take their profile from the fleet
-config instead.
+catalogs are built on, so 1.0 means "like the build machine". The matrices are 64x64 on purpose: BLAS runs them on
+one thread, and multi-threaded BLAS collapses (measured: from ~200 to 0.1 GFLOP/s) when other processes share the
+cores. Simulated devices take their profile from the fleet config instead.
 """
 from __future__ import annotations
 
@@ -18,17 +19,17 @@ from shared.messages import Profile
 
 AGENT_VERSION = "0.1.0"
 REFERENCE_GFLOPS = 100.0
-BENCH_N = 128
+BENCH_N = 64
 
 
 def benchmark_compute(seconds: float = 0.3) -> float:
-    """Compute score from `seconds` of 128x128 float32 matmuls (best of several short runs: less noise)."""
+    """Compute score from `seconds` of 64x64 float32 matmuls (best of several short runs: less noise)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((BENCH_N, BENCH_N), dtype=np.float32)
     b = rng.standard_normal((BENCH_N, BENCH_N), dtype=np.float32)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        start, reps = time.perf_counter(), 20
+        start, reps = time.perf_counter(), 50
         for _ in range(reps):
             a @ b
         best = max(best, 2 * BENCH_N**3 * reps / (time.perf_counter() - start) / 1e9)

@@ -61,3 +61,14 @@ def test_refusal_states_the_smallest_needs():
     r = choose(Profile(500.0, 0.1, 1.0))  # memory fine, too slow for a 1 ms target: small needs compute >= 2
     assert r.smallest["compute"] == 2.0 and "compute >= 2" in r.message
     assert isinstance(Assigner([], 0.2).choose(Profile(1, 1)), Refusal)
+
+
+def test_profiles_come_from_the_config_or_a_measurement():
+    from client.profile import device_profile
+    from shared.config import DeviceConfig
+
+    device = DeviceConfig("d", memory_mb=64, compute=0.5, latency_ms=20.0)
+    assert device_profile(device) == Profile(64, 0.5, 20.0, device_profile(device).agent_version)
+    measured = device_profile(device, measure=True)
+    assert measured.memory_mb > 0 and 0 < measured.compute < 1e6 and measured.latency_ms == 20.0
+    assert device_profile(None, latency_ms=5.0).latency_ms == 5.0
