@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Sub-commands that live beside the concern they drive (each module has add_parser(subparsers)).
-_COMMAND_MODULES = ("server.cli_fleet", "server.cli_fl")
+_COMMAND_MODULES = ("server.cli_fleet", "server.cli_fl", "server.demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,228 @@
+"""`restnet demo`: the whole product on one machine, offline, with real processes.
+
+1. Catalog: two small CNNs trained on the digits data and stitched (built once, then reused while the config
+   is unchanged); stitching layers are delivered as initialised from the operator's calibration data.
+2. Coordinator: embedded MQTT broker, SQLite registry, artifact HTTP, /metrics and the status page.
+3. Fleet: simulated devices enroll with their budgets, download and verify their variants; each installed
+   device starts its own Flower SuperNode with its share of the data.
+4. Federated rounds on a real SuperLink; the coordinator versions each improved stitching layer and pushes it
+   to the devices that run it.
+5. A table and plots of what happened; every process started is stopped (Ctrl-C too).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from shared.errors import RestnetError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "fleet_configs" / "demo.yaml"
+
+
+def add_parser(subparsers) -> None:
+    d = subparsers.add_parser(
+        "demo", help="run the whole fleet on this machine: catalog, coordinator, devices, federated rounds",
+        description="Builds (or reuses) a catalog, starts the coordinator with an embedded MQTT broker, a Flower "
+                    "SuperLink and the simulated devices of the config, runs enrollment, delivery and federated "
+                    "fine-tuning, then prints a table and writes plots. Offline; Ctrl-C stops everything.")
+    d.add_argument("--config", default=str(DEFAULT_CONFIG), help="fleet config (default: fleet_configs/demo.yaml)")
+    d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    d.add_argument("--rounds", type=int, help="override federated.rounds")
+    d.add_argument("--http-port", type=int, help="coordinator HTTP port (default: fleet.http_port; 0 = any free)")
+    d.add_argument("--broker-port", type=int, help="embedded broker port (default: 1883; 0 = any free)")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the catalog even if the config is unchanged")
+    d.add_argument("--linger", type=float, default=0.0,
+                   help="keep the coordinator and its status page up this many seconds after the run")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or Flower log")
+    d.set_defaults(func=run)
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def config_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def ensure_catalog(cfg, config_path: Path, base: Path, rebuild: bool, progress: bool) -> None:
+    """Build the catalog into `base` unless one built from the same config is already there."""
+    from shared.build import build_catalog
+
+    stamp = base / ".config-digest"
+    digest = config_digest(config_path)
+    if not rebuild and stamp.is_file() and stamp.read_text() == digest and (base / "catalog.json").is_file():
+        say(f"reusing the catalog in {base} (built from the same config; --rebuild to build again)")
+        return
+    shutil.rmtree(base, ignore_errors=True)
+    say("building the catalog: training two base models and stitching them (a few minutes on 2 cores)")
+    build_catalog(cfg, base, progress=progress, log=say)
+    stamp.write_text(digest)
+
+
+class SuperNodes:
+    """One SuperNode per installed device, started on its first install, restarted when its variant changes."""
+
+    def __init__(self, superlink: str, cfg, device_ids: list[str]):
+        self.superlink, self.cfg = superlink, cfg
+        self.partition_of = {d: i for i, d in enumerate(device_ids)}
+        self.nodes: dict[str, tuple[str, object]] = {}  # device id -> (variant id, SuperNode)
+        self.lock = threading.Lock()
+
+    def on_installed(self, device_dir: Path) -> None:
+        from client.fl_client import installed_variant
+        from client.local_data import NodeData
+        from client.supernode import SuperNode
+
+        device_dir = Path(device_dir)
+        variant = installed_variant(device_dir)["variant-id"]
+        with self.lock:
+            known = self.nodes.get(device_dir.name)
+            if known is not None and known[0] == variant:
+                return  # a new version of the same variant: the ClientApp reads it on its next message
+            node_data = NodeData(device_dir, self.cfg.data, self.partition_of[device_dir.name],
+                                 len(self.partition_of), self.cfg.federated.partition)
+            node = known[1].restart(node_data) if known else SuperNode(node_data, self.superlink).start(wait=False)
+            self.nodes[device_dir.name] = (variant, node)
+
+    def wait_ready(self) -> None:
+        for _, node in list(self.nodes.values()):
+            node.wait_ready()
+
+    def stop(self) -> None:
+        with self.lock:
+            for _, node in self.nodes.values():
+                node.stop()
+            self.nodes.clear()
+
+
+def run(args) -> int:
+    from client.fleet_sim import describe, start_fleet, wait_settled
+    from client.supernode import free_port
+    from server.coordinator import Coordinator
+    from server.fl_runner import SuperLink, flwr_run, run_config
+    from shared.catalog import Catalog
+    from shared.config import load_config
+
+    config_path = Path(args.config)
+    cfg = load_config(config_path)
+    if not cfg.fleet.devices:
+        raise RestnetError(f"{config_path} lists no devices under fleet.devices", "see fleet_configs/demo.yaml")
+    out = Path(args.out)
+    run_dir = out / "run"
+    started = time.monotonic()
+    ensure_catalog(cfg, config_path, out / "catalog-base", args.rebuild, not args.quiet)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(out / "catalog-base", run_dir / "catalog")
+    catalog = Catalog.load(run_dir / "catalog")
+
+    fleet = cfg.fleet
+    fleet.registry = str(run_dir / "fleet.db")
+    fleet.device_root = str(run_dir / "devices")
+    if args.http_port is not None:
+        fleet.http_port = args.http_port or free_port()
+    if fleet.broker.url.startswith("embedded") and args.broker_port is not None:
+        fleet.broker.url = f"embedded://127.0.0.1:{args.broker_port or free_port()}"
+    device_ids = [d.id for d in fleet.devices]
+
+    with ExitStack() as stack:
+        coordinator = Coordinator(fleet, catalog).start()
+        stack.callback(coordinator.stop)
+        say(f"coordinator up: metrics {coordinator.public_url}/metrics, status page {coordinator.public_url}/")
+        link = SuperLink(run_dir / "flower", port=free_port()).start()
+        stack.callback(link.stop)
+        say(f"Flower SuperLink up on {link.address}")
+        nodes = SuperNodes(link.address, cfg, device_ids)
+        stack.callback(nodes.stop)
+        agents = start_fleet(fleet, run_dir / "devices", on_installed=nodes.on_installed)
+        stack.callback(lambda: [a.stop() for a in agents])
+        say(f"{len(agents)} devices enrolling")
+        late = wait_settled(agents, timeout=180)
+        for agent in agents:
+            say("  " + describe(agent))
+        if late:
+            raise RestnetError(f"devices did not settle in time: {', '.join(a.device_id for a in late)}")
+        delivered = {a.device_id: a.installed for a in agents if a.installed is not None}
+        if not delivered:
+            raise RestnetError("no device received a variant", "raise the devices' memory_mb in the config")
+        nodes.wait_ready()
+
+        rounds = args.rounds or cfg.federated.rounds
+        say(f"federated fine-tuning: {rounds} rounds over {len(delivered)} SuperNodes")
+        config = run_config(cfg, run_dir / "catalog", run_dir / "fl", coordinator.public_url,
+                            min_nodes=len(delivered), rounds=rounds)
+        echo = None if args.quiet else (lambda line: print(f"  | {line}", file=sys.stderr))
+        outcome = flwr_run(link.address, config, run_dir / "flwr-home", run_dir / "flower.log", 1800, echo)
+        if not outcome.ok:
+            raise RestnetError(f"the Flower run ended {outcome.status}: {outcome.details}",
+                               f"see {run_dir / 'flower.log'}")
+        results = json.loads((run_dir / "fl" / "results.json").read_text())
+        late = wait_settled(agents, timeout=120)  # new versions pushed by the coordinator get installed
+        if late:
+            raise RestnetError(f"devices did not install the new versions: {', '.join(a.device_id for a in late)}")
+        final = Catalog.load(run_dir / "catalog")
+        report = summarize(cfg, final, agents, delivered, results)
+        print(report["table"])
+        plots = write_plots(final, report, results, out)
+        print(f"\nplots: {', '.join(str(p) for p in plots)}")
+        print(f"results: {out / 'demo.json'}; metrics were at {coordinator.public_url}/metrics")
+        (out / "demo.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
+        say(f"done in {time.monotonic() - started:.0f}s")
+        if args.linger > 0:
+            say(f"status page stays up for {args.linger:.0f}s at {coordinator.public_url}/ (Ctrl-C to stop)")
+            time.sleep(args.linger)
+        say("stopping every process")
+    return 0
+
+
+def summarize(cfg, catalog, agents, delivered, results) -> dict:
+    """One row per device: budget, assignment, costs, accuracy as delivered and after federated rounds."""
+    from shared.tables import format_table, human_bytes, pct
+
+    budgets = {d.id: d for d in cfg.fleet.devices}
+    rows, devices = [], []
+    for agent in agents:
+        d = budgets[agent.device_id]
+        inst = agent.installed
+        if inst is None:
+            rows.append([d.id, f"{d.memory_mb:g}MB", f"{d.compute:g}", "refused", "-", "-", "-", "-", "-", "-"])
+            devices.append({"device": d.id, "memory_mb": d.memory_mb, "compute": d.compute, "variant": None})
+            continue
+        rec = catalog.get(inst.variant_id)
+        res = results["variants"].get(inst.variant_id, {})
+        entry = {"device": d.id, "memory_mb": d.memory_mb, "compute": d.compute, "variant": rec.id,
+                 "version_delivered": delivered[d.id].version, "version_now": inst.version, "params": rec.params,
+                 "memory_bytes": rec.memory_bytes, "finetune_memory_bytes": rec.finetune_memory_bytes,
+                 "flops": rec.flops, "accuracy_delivered": res.get("accuracy_initial"),
+                 "accuracy_after": res.get("accuracy")}
+        devices.append(entry)
+        rows.append([d.id, f"{d.memory_mb:g}MB", f"{d.compute:g}", rec.id, f"{rec.params / 1e6:.3f}M",
+                     human_bytes(rec.memory_bytes + rec.finetune_memory_bytes), f"{rec.flops / 1e6:.1f}M",
+                     pct(entry["accuracy_delivered"]), pct(entry["accuracy_after"]),
+                     f"v{entry['version_delivered']}->v{entry['version_now']}"])
+    table = format_table(["device", "memory", "compute", "variant", "params", "needs (infer+tune)", "flops",
+                          "acc delivered", "acc after FL", "version"], rows)
+    return {"table": table, "devices": devices, "rounds": results["rounds"]}
+
+
+def write_plots(catalog, report: dict, results: dict, out: Path) -> list[Path]:
+    from shared.cli import write_catalog_plots
+    from shared.plots import plot_rounds
+
+    assigned = {d["variant"] for d in report["devices"] if d["variant"]}
+    plots = write_catalog_plots(catalog, out, assigned)
+    history: dict[str, list[float]] = {}
+    for vid, entry in results["variants"].items():
+        history[vid] = [entry["accuracy_initial"]]
+    for r in sorted(results["rounds"], key=lambda r: r["round"]):
+        if r.get("accuracy") is not None and r["variant_id"] in history:
+            history[r["variant_id"]].append(r["accuracy"])
+    plots.append(plot_rounds(history, out / "rounds.png"))
+    return plots
+
