@@ -173,9 +173,15 @@ class ManagedProcess:
 class SuperNode:
     """A device's `flower-supernode`, connected to a SuperLink, running our ClientApp for its installed variant."""
 
-    def __init__(self, node: NodeData, superlink: str, port: int | None = None):
+    def __init__(self, node: NodeData, superlink: str, port: int | None = None,
+                 root_certificates: str | None = None, auth_private_key: str | None = None):
+        """`root_certificates`: the CA of a TLS SuperLink (plain HTTP without it); `auth_private_key`: this
+        device's key when the SuperLink runs with --enable-supernode-auth (see docs/DEPLOY.md)."""
         self.node, self.superlink = node, superlink
         self.port = port or free_port()  # the node's local runtime API (its superexec talks to it)
+        self.security = ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+        if auth_private_key:
+            self.security += ["--auth-supernode-private-key", str(auth_private_key)]
         self.process: ManagedProcess | None = None
 
     @property
@@ -185,7 +191,7 @@ class SuperNode:
     def start(self, wait: bool = True) -> "SuperNode":
         """Start the SuperNode; with `wait`, return once it is up (start many with wait=False, then wait_ready)."""
         device_dir = self.node.device_dir
-        cmd = [flower_executable("flower-supernode"), "--insecure", "--superlink", self.superlink,
+        cmd = [flower_executable("flower-supernode"), *self.security, "--superlink", self.superlink,
                "--port", str(self.port), "--node-config", node_config_arg(self.node.to_node_config())]
         self.process = ManagedProcess(f"supernode {device_dir.name}", cmd, device_dir / "supernode.log",
                                       env={"FLWR_HOME": str(device_dir / "flwr")}, ports=(self.port,))

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
                                      "SuperNode per device here, each with its partition of the data")
     r.add_argument("--superlink", help="HOST:PORT of a running SuperLink (default: start one on "
                                        "federated.superlink_port)")
+    r.add_argument("--root-certificates", help="CA file of a TLS SuperLink given with --superlink (used by the "
+                                               "flwr CLI and by the SuperNodes of --devices)")
     r.add_argument("--coordinator", default="", help="coordinator base URL: report rounds and hand it the new "
                                                      "stitching weights (default: write new versions to --catalog)")
     r.add_argument("--rounds", type=int, help="override federated.rounds")
@@ -47,6 +49,8 @@ def run(args) -> int:
     from shared.tables import format_table, pct
 
     cfg = load_config(args.config)
+    if args.root_certificates and not args.superlink:
+        raise RestnetError("--root-certificates needs --superlink", "the SuperLink started here serves plain HTTP")
     Catalog.load(args.catalog)  # fail early on a missing or broken catalog
     run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,13 +64,14 @@ def run(args) -> int:
             address = link.address
         for i, device_dir in enumerate(devices):
             node = NodeData(device_dir, cfg.data, i, len(devices), cfg.federated.partition)
-            nodes.append(SuperNode(node, address).start(wait=False))
+            nodes.append(SuperNode(node, address, root_certificates=args.root_certificates).start(wait=False))
         for node in nodes:
             node.wait_ready()
         config = run_config(cfg, Path(args.catalog), run_dir, args.coordinator.rstrip("/"),
                             min_nodes=args.min_nodes or len(devices) or 1, rounds=args.rounds)
         echo = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-        outcome = flwr_run(address, config, run_dir / "flwr-home", run_dir / "flower.log", args.timeout, echo)
+        outcome = flwr_run(address, config, run_dir / "flwr-home", run_dir / "flower.log", args.timeout, echo,
+                           args.root_certificates)
     finally:
         for node in nodes:
             node.stop()

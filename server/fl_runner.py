@@ -67,7 +67,8 @@ def run_config(cfg: Config, catalog_dir: Path, output_dir: Path, coordinator_url
     """The ServerApp's run config for a fleet config (keys of pyproject's [tool.flwr.app.config])."""
     fed = cfg.federated
     return {"catalog": str(Path(catalog_dir).resolve()), "output-dir": str(Path(output_dir).resolve()),
-            "coordinator-url": coordinator_url, "num-server-rounds": rounds or fed.rounds,
+            "coordinator-url": coordinator_url, "coordinator-token": cfg.fleet.api_token or "",
+            "coordinator-ca": cfg.fleet.http_ca_file or "", "num-server-rounds": rounds or fed.rounds,
             "local-epochs": fed.local_epochs, "learning-rate": fed.lr, "batch-size": fed.batch_size,
             "aggregation": fed.aggregation, "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
             "min-nodes": min_nodes, **data_to_flat(cfg.data)}
@@ -107,13 +108,16 @@ def _json_tail(text: str) -> dict:
 
 
 def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Path, timeout: float = 3600.0,
-             echo=None) -> RunOutcome:
-    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status."""
+             echo=None, root_certificates: str | None = None) -> RunOutcome:
+    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status.
+
+    `root_certificates`: the CA of a TLS SuperLink; without it the connection is plain HTTP (`insecure`)."""
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = {"root-certificates": str(Path(root_certificates).resolve())} if root_certificates else {"insecure": True}
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{superlink_address}"\ninsecure = true\n')
+        + _toml({"address": superlink_address, **security}))
     overrides = flwr_home / "run-config.toml"
     overrides.write_text(_toml(config))
     started = time.monotonic()

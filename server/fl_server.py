@@ -13,6 +13,7 @@ stitching weights) and to `output-dir` when that is set: `events.jsonl` (progres
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.parse
 import urllib.request
@@ -58,6 +59,8 @@ class RunSettings:
     wait_nodes_timeout: float = 60.0
     output_dir: Path | None = None
     coordinator_url: str = ""
+    coordinator_token: str = ""  # sent as `Authorization: Bearer` (the fleet config's api_token)
+    coordinator_ca: str = ""  # CA file to verify an HTTPS coordinator ("" = the system's)
 
     @classmethod
     def from_run_config(cls, cfg: Mapping) -> "RunSettings":
@@ -72,6 +75,7 @@ class RunSettings:
             wait_nodes_timeout=float(cfg["wait-nodes-timeout"]),
             output_dir=Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None,
             coordinator_url=str(cfg.get("coordinator-url", "")).rstrip("/"),
+            coordinator_token=str(cfg.get("coordinator-token", "")), coordinator_ca=str(cfg.get("coordinator-ca", "")),
         )
 
 
@@ -191,11 +195,13 @@ class RoundRecord:
 class Recorder:
     """Where results go: the output folder (events, results, weights) and the coordinator's HTTP API."""
 
-    def __init__(self, run_id: int, output_dir: Path | None, coordinator_url: str):
-        self.run_id, self.output_dir, self.url = run_id, output_dir, coordinator_url
+    def __init__(self, run_id: int, s: RunSettings):
+        self.run_id, self.output_dir, self.url = run_id, s.output_dir, s.coordinator_url
+        self.headers = {"Authorization": f"Bearer {s.coordinator_token}"} if s.coordinator_token else {}
+        self.ssl = ssl.create_default_context(cafile=s.coordinator_ca or None)
         self.rounds: list[RoundRecord] = []
-        if output_dir:
-            output_dir.mkdir(parents=True, exist_ok=True)
+        if self.output_dir:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def event(self, name: str, **fields) -> None:
         """One line of progress in events.jsonl (tests and operators follow a run with it)."""
@@ -211,7 +217,7 @@ class Recorder:
                       "accuracy": rec.accuracy, "num_updates": rec.num_updates, "rejected": rec.rejected,
                       "update_bytes": rec.update_bytes}
             try:  # observability is best effort: a coordinator hiccup must not stop training
-                _post(f"{self.url}/api/fl/report", json.dumps(report).encode(), "application/json")
+                self._post("/api/fl/report", json.dumps(report).encode(), "application/json")
             except OSError as exc:
                 log(WARNING, "could not report round %s of %s to the coordinator: %s", rec.round, rec.variant_id, exc)
 
@@ -228,7 +234,8 @@ class Recorder:
                     atomic_write(self.output_dir / f"{vid}.safetensors", data)
                     entry["stitch_file"] = f"{vid}.safetensors"
             summary[vid] = entry
-        results = {"run_id": str(self.run_id), "settings": _jsonable(asdict(settings)),
+        shown = {**asdict(settings), "coordinator_token": "***" if settings.coordinator_token else ""}
+        results = {"run_id": str(self.run_id), "settings": _jsonable(shown),
                    "rounds": [asdict(r) for r in self.rounds], "variants": summary}
         if self.output_dir:
             atomic_write(self.output_dir / "results.json", json.dumps(results, indent=1).encode())
@@ -236,16 +243,16 @@ class Recorder:
             for vid, v in sorted(variants.items()):
                 if v.improved:  # a failure here is the run's failure: the loop would stay open
                     query = urllib.parse.urlencode({"accuracy": f"{v.accuracy:.6f}"})
-                    answer = _post(f"{self.url}/api/variants/{urllib.parse.quote(vid, safe='')}/stitch?{query}",
-                                   tensors_to_bytes(v.current), "application/octet-stream")
+                    answer = self._post(f"/api/variants/{urllib.parse.quote(vid, safe='')}/stitch?{query}",
+                                        tensors_to_bytes(v.current), "application/octet-stream")
                     log(INFO, "coordinator accepted the new stitch of %s: %s", vid, answer)
         return results
 
-
-def _post(url: str, body: bytes, content_type: str, timeout: float = 30.0) -> str:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.read().decode(errors="replace")[:500]
+    def _post(self, path: str, body: bytes, content_type: str, timeout: float = 30.0) -> str:
+        req = urllib.request.Request(self.url + path, data=body, method="POST",
+                                     headers={"Content-Type": content_type, **self.headers})
+        with urllib.request.urlopen(req, timeout=timeout, context=self.ssl) as resp:
+            return resp.read().decode(errors="replace")[:500]
 
 
 def _jsonable(obj):
@@ -278,7 +285,7 @@ def run_federation(grid: Grid, s: RunSettings, run_id: int) -> dict:
 
     catalog = Catalog.load(s.catalog)
     _, val = load_splits(s.data)
-    rec = Recorder(run_id, s.output_dir, s.coordinator_url)
+    rec = Recorder(run_id, s)
     variants: dict[str, VariantState] = {}
     node_variant: dict[int, str] = {}  # nodes that told us their variant and have not failed since
     wait_for_nodes(grid, s.min_nodes, s.wait_nodes_timeout)

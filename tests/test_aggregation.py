@@ -256,3 +256,61 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
     assert rec["stitch_sha256"] == clean["rounds"][0]["stitch_sha256"]  # bit-identical to the honest-only run
     assert (tmp_path / "mixed" / f"{vid}.safetensors").read_bytes() == (tmp_path / "clean" / f"{vid}.safetensors").read_bytes()
     assert 0.0 <= rec["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(tiny_catalog, tmp_path,
+                                                                                task_identity):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    from client.local_data import NodeData, install_from_catalog
+    from server.fl_server import RunSettings, run_federation
+    from shared.artifacts import bytes_to_tensors, sha256_bytes, tensors_to_bytes
+    from shared.config import DataConfig, PartitionConfig
+
+    posts = []
+
+    class Coordinator(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append((self.path, self.headers.get("Authorization"), body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"version": 2}')
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Coordinator)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    vid = tiny_catalog.variants[0].id
+    data = DataConfig(dataset="digits", image_size=32, channels=1)
+    handlers = {}
+    for i in range(2):
+        node = NodeData(tmp_path / f"dev{i}", data, i, 2, PartitionConfig("iid", 0.5, 0))
+        install_from_catalog(tiny_catalog, vid, node.device_dir)
+        handlers[10 + i] = _device_handler(10 + i, node)
+    settings = RunSettings(catalog=tiny_catalog.root, data=data, rounds=2, query_timeout=5, round_timeout=5,
+                           coordinator_url=f"http://127.0.0.1:{httpd.server_address[1]}",
+                           coordinator_token="s3cret")
+    try:
+        results = run_federation(InProcessGrid(handlers), settings, run_id=42)
+    finally:
+        httpd.shutdown()
+
+    assert all(auth == "Bearer s3cret" for _, auth, _ in posts)
+    reports = [json.loads(body) for path, _, body in posts if path == "/api/fl/report"]
+    assert [(r["round"], r["variant_id"]) for r in reports] == [(1, vid), (2, vid)]
+    for r in reports:  # exactly the coordinator's report schema
+        assert set(r) == {"run_id", "round", "variant_id", "accuracy", "num_updates", "rejected", "update_bytes"}
+        assert r["run_id"] == "42" and r["num_updates"] == 2 and r["rejected"] == {} and r["update_bytes"] > 0
+    (path, _, body), = [p for p in posts if p[0].startswith("/api/variants/")]
+    url = urlparse(path)
+    assert url.path == f"/api/variants/{vid}/stitch"
+    assert float(parse_qs(url.query)["accuracy"][0]) == pytest.approx(results["variants"][vid]["accuracy"], abs=1e-6)
+    assert sha256_bytes(tensors_to_bytes(bytes_to_tensors(body))) == results["variants"][vid]["stitch_sha256"]
+    assert results["settings"]["coordinator_token"] == "***"  # the secret is not written to results.json

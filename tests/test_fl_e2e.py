@@ -12,13 +12,12 @@ from flwr.app import ArrayRecord
 
 from client.fl_client import HISTORY
 from client.local_data import NodeData, install_from_catalog
-from client.supernode import HOST, SuperNode, port_free
+from client.supernode import HOST, SuperNode, node_config_arg, port_free
 from server.fl_runner import SuperLink, commit_results, flwr_run
 from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, load_variant
 from shared.catalog import Catalog
 from shared.config import DataConfig, PartitionConfig
-
-pytestmark = pytest.mark.slow
+from shared.errors import ConfigError
 
 DATA = DataConfig(dataset="digits", image_size=32, channels=1)
 
@@ -43,6 +42,25 @@ def _history(device_dir) -> dict[int, dict]:
     return {e["round"]: e for e in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
 
 
+def test_node_config_survives_flowers_own_parser(tmp_path):
+    from flwr.common.config import parse_config_args  # what flower-supernode applies to --node-config
+
+    node = NodeData(tmp_path / "dev 1", DataConfig(dataset="imagefolder", root=str(tmp_path / "my images")), 2, 5,
+                    PartitionConfig("dirichlet", 0.3, 7))
+    parsed = parse_config_args([node_config_arg(node.to_node_config())])
+    assert parsed == node.to_node_config()
+    assert NodeData.from_node_config(parsed) == node
+
+
+def test_node_config_errors_name_the_problem(tmp_path):
+    cfg = NodeData(tmp_path, DATA, 0, 2, PartitionConfig()).to_node_config()
+    with pytest.raises(ConfigError, match="partition-id 2 is outside 0..1"):
+        NodeData.from_node_config({**cfg, "partition-id": 2})
+    with pytest.raises(ConfigError, match="lacks the data settings channels"):
+        NodeData.from_node_config({k: v for k, v in cfg.items() if k != "channels"})
+
+
+@pytest.mark.slow
 def test_two_variants_two_rounds_with_a_node_killed_mid_round(tiny_catalog, tmp_path):
     catalog_dir = tmp_path / "catalog"
     shutil.copytree(tiny_catalog.root, catalog_dir)  # the session's catalog stays untouched
