@@ -115,6 +115,16 @@ def test_median_odd_and_even():
     assert median(even)["w"].item() == 4.0
 
 
+@pytest.mark.parametrize("n", [7, 8, 20])
+def test_robust_aggregates_match_a_sorting_reference(n):
+    g = torch.Generator().manual_seed(n)
+    states = [{"w": torch.randn(3, 5, generator=g).round(decimals=1)} for _ in range(n)]  # rounding makes ties
+    ordered = torch.sort(torch.stack([s["w"] for s in states]).double(), dim=0).values
+    k = int(0.2 * n)
+    assert torch.allclose(trimmed_mean(states, 0.2)["w"].double(), ordered[k:n - k].mean(dim=0), atol=1e-6)
+    assert torch.allclose(median(states)["w"].double(), ordered[(n - 1) // 2: n // 2 + 1].mean(dim=0), atol=1e-6)
+
+
 def test_combine_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown aggregation"):
         combine([{"w": torch.zeros(1)}], [1.0], "krum")

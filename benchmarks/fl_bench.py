@@ -1,0 +1,245 @@
+"""Federated stitch-only fine-tuning: upload size, server aggregation time, accuracy against centralised training
+(the benchmark of issue 4).
+
+    PYTHONPATH=. python benchmarks/fl_bench.py [--config fleet_configs/digits.yaml] [--catalog out/digits]
+        [--devices 8] [--alpha 0.5] [--rounds 10] [--local-epochs 1] [--lr 0.05] [--variants ID ...]
+        [--updates 1000] [--stitch-channels 256] [--pairs fleet_configs/cifar10-vgg19-vgg11.yaml ...] [--quick]
+
+1. Upload per client per round: the ArrayRecord a ClientApp returns (the stitch tensors, `count_bytes`) against
+   the ArrayRecord of the whole stitched model, for every variant of the catalog; and, for the paper-scale model
+   pairs of `--pairs` (random weights: only shapes matter), over every stitchable cut pair (a, b).
+2. Server-side time for `--updates` updates of one variant: reading them from ArrayRecords (as the ServerApp
+   does), validating each, and combining with fedavg / trimmed_mean / median; for the catalog's largest stitch
+   and for a `--stitch-channels`^2 1x1-conv stitch.
+3. Accuracy on the validation split after `--rounds` rounds of federated stitch-only training on `--devices`
+   Dirichlet(`--alpha`) partitions of the training split, against centralised stitch-only training on the union
+   of the same data for the same number of epochs (rounds x local epochs), both from the same starting stitch:
+   `--start ls` (default) re-fits the least-squares initialisation the catalog build starts from (the catalog's
+   own stitch is already trained centrally, which would make the comparison trivial), `random` re-initialises it
+   randomly, `catalog` takes the catalog's. The federated run executes the ClientApp's training function
+   (`client.fl_client.local_update`, on device folders as the SuperNodes see them) and the ServerApp's
+   aggregation (`aggregate_variant`) in-process, without Flower processes: same computation, no transport.
+
+The catalog is built from `--config` into `--catalog` when that folder has none (a few minutes for digits).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from client.fl_client import TrainRequest, local_update
+from client.local_data import NodeData, install_from_catalog
+from server.aggregation import Update, aggregate_variant
+from shared.artifacts import load_variant
+from shared.catalog import Catalog
+from shared.config import PartitionConfig, load_config
+from shared.datasets import load_splits
+from shared.training import evaluate, finetune_stitch
+
+
+def ensure_catalog(config: str, root: Path) -> Catalog:
+    if not (root / "catalog.json").is_file():
+        from shared.build import build_catalog
+
+        print(f"building the catalog of {config} into {root} ...", flush=True)
+        build_catalog(load_config(config), root, progress=False, log=lambda m: None)
+    return Catalog.load(root)
+
+
+# ---------------------------------------------------------------- 1. bytes
+
+
+def upload_bytes(catalog: Catalog) -> None:
+    print("\n## 1. Upload per client per round: stitch tensors vs the whole stitched model (ArrayRecord bytes)")
+    print(f"{'variant':34} {'params':>10} {'stitch':>8} {'upload B':>10} {'model B':>11} {'ratio':>8}")
+    for rec in sorted(catalog.variants, key=lambda v: v.params):
+        model = load_variant(catalog.manifest(rec.id), catalog.store)
+        up = ArrayRecord(model.stitch_state()).count_bytes()
+        whole = ArrayRecord({k: v for k, v in model.state_dict().items()}).count_bytes()
+        print(f"{rec.id:34} {rec.params:>10,} {rec.trainable_params:>8,} {up:>10,} {whole:>11,} {whole / up:>7.0f}x")
+
+
+def pair_ratios(config: str) -> None:
+    """Whole-variant / stitch parameters for every stitchable cut of a paper-scale pair (shapes only)."""
+    from shared.blocks import activation_specs, block_param_counts, split_model
+    from shared.models import create_model
+    from shared.stitching import StitchingLayer
+
+    cfg = load_config(config)
+    front = split_model(create_model(cfg.large.name, cfg.large.kwargs), cfg.large.name)
+    behind = split_model(create_model(cfg.small.name, cfg.small.kwargs), cfg.small.name)
+    fs, bs = activation_specs(front, cfg.input_shape), activation_specs(behind, cfg.input_shape)
+    fp, bp = block_param_counts(front), block_param_counts(behind)
+    ratios, budget_ratios = [], []
+    budgets = sorted(cfg.catalog.budgets)
+    for a in range(len(fs) - 1):
+        for b in range(len(bs) - 1):
+            try:
+                stitch = sum(p.numel() for p in StitchingLayer(fs[a], bs[b]).parameters())
+            except ValueError:
+                continue
+            total = sum(fp[:a + 1]) + stitch + sum(bp[b + 1:])
+            ratios.append((total / stitch, a, b, stitch, total))
+    ratios.sort()
+    q = [ratios[int(f * (len(ratios) - 1))] for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    print(f"\n{cfg.large.name} -> {cfg.small.name} ({len(ratios)} cut pairs): whole/stitch ratio "
+          + ", ".join(f"{name} {r[0]:.0f}x" for name, r in zip(("min", "p25", "median", "p75", "max"), q)))
+    worst = ratios[0]
+    print(f"  worst: front[:{worst[1] + 1}] -> behind[{worst[2] + 1}:], stitch {worst[3]:,} of {worst[4]:,} params; "
+          f"pairs under 100x: {sum(r[0] < 100 for r in ratios)}")
+    # The pairs a budget sweep would pick from: variants within the config's budget range.
+    if budgets:
+        within = [r for r in ratios if budgets[0] * 0.9 <= r[4] <= budgets[-1] * 1.1]
+        if within:
+            print(f"  within the config's budgets ({budgets[0] / 1e6:.1f}M..{budgets[-1] / 1e6:.1f}M params, "
+                  f"{len(within)} pairs): min {within[0][0]:.0f}x, median {within[len(within) // 2][0]:.0f}x")
+    budget_ratios.append(q)
+
+
+# ---------------------------------------------------------------- 2. aggregation time
+
+
+def aggregation_time(current: dict[str, torch.Tensor], n: int, label: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    records = [ArrayRecord({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in current.items()})
+               for _ in range(n)]
+    params = sum(v.numel() for v in current.values())
+    t = time.perf_counter()
+    updates = [Update(i, "v", {k: torch.from_numpy(a.numpy()) for k, a in r.items()}, 100 + i % 50)
+               for i, r in enumerate(records)]
+    read = time.perf_counter() - t
+    print(f"{label}: {params:,} params/update, {n} updates ({n * params * 4 / 1e6:.0f} MB): "
+          f"read from ArrayRecords {read:.2f}s", end="")
+    for method in ("fedavg", "trimmed_mean", "median"):
+        t = time.perf_counter()
+        res = aggregate_variant("v", current, updates, method)
+        assert len(res.accepted) == n
+        print(f", validate+{method} {time.perf_counter() - t:.2f}s", end="")
+    print()
+
+
+# ---------------------------------------------------------------- 3. accuracy
+
+
+def least_squares_start(catalog: Catalog, cfg, model, behind_cut: int) -> None:
+    """Re-fit the stitch by least squares on the calibration examples, as `restnet catalog build` does."""
+    from shared.blocks import split_model
+    from shared.datasets import calibration_batches
+    from shared.models import create_model
+
+    role = "small" if catalog.direction == "slow_to_fast" else "large"
+    checkpoint = catalog.root / "checkpoints" / f"{role}.safetensors"
+    behind = split_model(create_model(catalog.behind.name, catalog.behind.kwargs, checkpoint=checkpoint),
+                         catalog.behind.name).eval()
+    train, _ = load_splits(cfg.data)
+    x = torch.cat(calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats,
+                                      cfg.data.seed))
+    with torch.no_grad():
+        dst = x
+        for block in behind.blocks[:behind_cut]:
+            dst = block(dst)
+        model.stitch.init_least_squares(model.front(x), dst)
+
+
+def federated_vs_central(catalog: Catalog, cfg, variant_id: str, args, work: Path) -> tuple[float, float, float]:
+    _, val = load_splits(cfg.data)
+    model = load_variant(catalog.manifest(variant_id), catalog.store)
+    if args.start == "ls":
+        least_squares_start(catalog, cfg, model, catalog.get(variant_id).behind_cut)
+    elif args.start == "random":
+        model.stitch.init_random(seed=123)
+    start = model.stitch_state()
+    partition = PartitionConfig("dirichlet", args.alpha, 0)
+    nodes = []
+    for i in range(args.devices):
+        node = NodeData(work / variant_id / f"dev{i}", cfg.data, i, args.devices, partition)
+        install_from_catalog(catalog, variant_id, node.device_dir)
+        nodes.append(node)
+    current = start
+    for rnd in range(1, args.rounds + 1):
+        req = TrainRequest(variant_id, 1, rnd, args.local_epochs, args.lr, args.batch_size)
+        updates = []
+        for node in nodes:
+            state, metrics = local_update(node, req, {k: v.numpy() for k, v in current.items()})
+            updates.append(Update(node.partition_id, variant_id, state, metrics["num-examples"]))
+        current = aggregate_variant(variant_id, current, updates, "fedavg").state
+    model.load_stitch_state(current)
+    fed = evaluate(model, val)
+
+    train, _ = load_splits(cfg.data)
+    model.load_stitch_state(start)
+    init = evaluate(model, val)
+    finetune_stitch(model, train, args.rounds * args.local_epochs, args.lr, args.batch_size)
+    return init, fed, evaluate(model, val)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="fleet_configs/digits.yaml")
+    p.add_argument("--catalog", default="out/digits")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--start", choices=("ls", "random", "catalog"), default="ls",
+                   help="starting stitch of both trainings (default: the least-squares fit)")
+    p.add_argument("--variants", nargs="*", help="variant ids for the accuracy comparison (default: all)")
+    p.add_argument("--updates", type=int, default=1000)
+    p.add_argument("--stitch-channels", type=int, default=256)
+    p.add_argument("--pairs", nargs="*", default=["fleet_configs/cifar10-vgg19-vgg11.yaml",
+                                                  "fleet_configs/cifar10-resnet34-vgg11.yaml"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: multi-threaded small ops stall on a busy 2-core machine)")
+    p.add_argument("--quick", action="store_true", help="3 rounds, 4 devices, 200 updates, one variant")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.devices, args.updates = 3, 4, 200
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    catalog = ensure_catalog(args.config, Path(args.catalog))
+
+    upload_bytes(catalog)
+    for pair in args.pairs:
+        pair_ratios(pair)
+
+    print(f"\n## 2. Server-side validation + aggregation of {args.updates} updates of one variant")
+    largest = max(catalog.variants, key=lambda v: v.trainable_params)
+    aggregation_time(load_variant(catalog.manifest(largest.id), catalog.store).stitch_state(), args.updates,
+                     f"catalog's largest stitch ({largest.id})")
+    c = args.stitch_channels
+    aggregation_time({"proj.weight": torch.randn(c, c, 1, 1), "proj.bias": torch.randn(c)}, args.updates,
+                     f"{c}->{c} 1x1-conv stitch")
+
+    print(f"\n## 3. Accuracy: {args.rounds} rounds x {args.local_epochs} local epoch(s) on {args.devices} "
+          f"Dirichlet({args.alpha}) devices vs centralised stitch-only training for the same epochs, from the "
+          f"{args.start} stitch "
+          f"(ClientApp/ServerApp functions in-process, no Flower transport)")
+    ids = args.variants or [v.id for v in sorted(catalog.variants, key=lambda v: v.params)]
+    if args.quick:
+        ids = ids[:1]
+    gaps = []
+    with tempfile.TemporaryDirectory() as work:
+        for vid in ids:
+            t = time.perf_counter()
+            init, fed, central = federated_vs_central(catalog, cfg, vid, args, Path(work))
+            gaps.append(100 * (central - fed))
+            print(f"{vid:34} start {100 * init:6.2f}%  federated {100 * fed:6.2f}%  centralised "
+                  f"{100 * central:6.2f}%  gap {100 * (central - fed):+5.2f} pts  ({time.perf_counter() - t:.0f}s)",
+                  flush=True)
+    print(f"\nlargest gap {max(gaps):+.2f} points, mean {statistics.mean(gaps):+.2f} (target: within 2 points)")
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    sys.exit(main())
