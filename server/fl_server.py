@@ -158,7 +158,10 @@ def read_update(node_id: int, reply: Message) -> Update | str:
     """A train reply as an Update, or why it is not one: "dropped" (no answer), "failed" (the node reported an
     error) or "malformed" (an answer we cannot read)."""
     if reply.has_error():
-        return "dropped" if reply.error.code in _UNAVAILABLE else "failed"
+        if reply.error.code in _UNAVAILABLE:
+            return "dropped"
+        log(WARNING, "node %s failed to train: %s", node_id, reply.error.reason)
+        return "failed"
     try:
         content = reply.content
         arrays = content.array_records["stitch"]
@@ -279,6 +282,53 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
     return nodes
 
 
+def discover(grid: Grid, rnd: int, s: RunSettings, catalog: Catalog, val, variants: dict[str, VariantState],
+             node_variant: dict[int, str]) -> int:
+    """Ask every online node we do not know yet which variant it runs (loading new variants on the way);
+    forget nodes that went offline. Updates `variants` and `node_variant`; returns how many did not answer."""
+    online = set(grid.get_node_ids())
+    for node in set(node_variant) - online:
+        del node_variant[node]
+    asked = sorted(online - set(node_variant))
+    replies = exchange(grid, [query_message(n, rnd, s.query_timeout) for n in asked], s.query_timeout)
+    for node, reply in replies.items():
+        vid = read_variant_reply(reply)
+        if vid is None:
+            continue
+        if vid not in variants:
+            try:
+                variants[vid] = load_variant_state(catalog, vid, val)
+            except KeyError:
+                log(WARNING, "node %s runs variant %s, which is not in the catalog; leaving it out", node, vid)
+                continue
+        node_variant[node] = vid
+    return len(asked) - len(replies)
+
+
+def aggregate_replies(rnd: int, v: VariantState, nodes: list[int], replies: dict[int, Message],
+                      s: RunSettings) -> tuple[RoundRecord, list[int]]:
+    """One variant's round: read, validate and combine its nodes' replies, evaluate the result.
+    Returns the round's record and the nodes that gave no usable answer (dropped, failed or malformed)."""
+    updates, lost, malformed, unusable = [], Counter(), Counter(), []
+    for node in nodes:
+        got = read_update(node, replies[node]) if node in replies else "dropped"
+        if isinstance(got, Update):
+            updates.append(got)
+            continue
+        unusable.append(node)
+        (malformed if got == "malformed" else lost)[got] += 1
+    agg = aggregate_variant(v.variant_id, v.current, updates, s.aggregation, s.norm_bound, s.trim_fraction, malformed)
+    if agg.accepted:
+        v.current, v.improved = agg.state, True
+        v.accuracy = v.evaluate()
+    record = RoundRecord(
+        round=rnd, variant_id=v.variant_id, accuracy=v.accuracy, num_nodes=len(nodes),
+        num_updates=len(agg.accepted), num_examples=agg.num_examples, rejected=dict(agg.rejected),
+        failed=lost["failed"], dropped=lost["dropped"], update_bytes=sum(u.num_bytes for u in updates),
+        stitch_sha256=sha256_bytes(tensors_to_bytes(v.current)))
+    return record, unusable
+
+
 def run_federation(grid: Grid, s: RunSettings, run_id: int) -> dict:
     """The whole run; returns what results.json holds."""
     from shared.datasets import load_splits
@@ -291,55 +341,18 @@ def run_federation(grid: Grid, s: RunSettings, run_id: int) -> dict:
     wait_for_nodes(grid, s.min_nodes, s.wait_nodes_timeout)
     for rnd in range(1, s.rounds + 1):
         started = time.monotonic()
-        online = set(grid.get_node_ids())
-        node_variant = {n: v for n, v in node_variant.items() if n in online}
-        asked = sorted(online - set(node_variant))
-        replies = exchange(grid, [query_message(n, rnd, s.query_timeout) for n in asked], s.query_timeout)
-        for node, reply in replies.items():
-            vid = read_variant_reply(reply)
-            if vid is None:
-                continue
-            if vid not in variants:
-                try:
-                    variants[vid] = load_variant_state(catalog, vid, val)
-                except KeyError:
-                    log(WARNING, "node %s runs variant %s, which is not in the catalog; leaving it out", node, vid)
-                    continue
-            node_variant[node] = vid
-        rec.event("discovered", round=rnd, nodes={str(n): v for n, v in sorted(node_variant.items())},
-                  unanswered=len(asked) - len(replies))
-
+        unanswered = discover(grid, rnd, s, catalog, val, variants, node_variant)
         targets = sorted(node_variant.items())
-        messages = [train_message(n, variants[v], rnd, s) for n, v in targets]
-        replies = exchange(grid, messages, s.round_timeout,
+        rec.event("discovered", round=rnd, nodes={str(n): v for n, v in targets}, unanswered=unanswered)
+        replies = exchange(grid, [train_message(n, variants[v], rnd, s) for n, v in targets], s.round_timeout,
                            on_sent=lambda: rec.event("train_sent", round=rnd, nodes=[n for n, _ in targets]))
-        by_variant: dict[str, list[int]] = {}
-        for node, vid in targets:
-            by_variant.setdefault(vid, []).append(node)
-        for vid, nodes in sorted(by_variant.items()):
-            v = variants[vid]
-            updates, lost, early_rejects = [], Counter(), Counter()
-            for node in nodes:
-                got = read_update(node, replies[node]) if node in replies else "dropped"
-                if isinstance(got, Update):
-                    updates.append(got)
-                elif got == "malformed":
-                    early_rejects[got] += 1
-                else:
-                    lost[got] += 1
-                if not isinstance(got, Update):
-                    node_variant.pop(node, None)  # ask it again next round: it may be back, or re-assigned
-            agg = aggregate_variant(vid, v.current, updates, s.aggregation, s.norm_bound, s.trim_fraction,
-                                    early_rejects)
-            if agg.accepted:
-                v.current, v.improved = agg.state, True
-                v.accuracy = v.evaluate()
-            rec.round(RoundRecord(
-                round=rnd, variant_id=vid, accuracy=v.accuracy, num_nodes=len(nodes),
-                num_updates=len(agg.accepted), num_examples=agg.num_examples, rejected=dict(agg.rejected),
-                failed=lost["failed"], dropped=lost["dropped"], update_bytes=sum(u.num_bytes for u in updates),
-                stitch_sha256=sha256_bytes(tensors_to_bytes(v.current)), seconds=time.monotonic() - started))
-            rec.event("aggregated", **asdict(rec.rounds[-1]))
+        for vid in sorted({v for _, v in targets}):
+            record, unusable = aggregate_replies(rnd, variants[vid], [n for n, v in targets if v == vid], replies, s)
+            record.seconds = time.monotonic() - started
+            rec.round(record)
+            rec.event("aggregated", **asdict(record))
+            for node in unusable:  # ask again next round: it may be back (with a new id) or re-assigned
+                node_variant.pop(node, None)
     results = rec.finish(variants, s)
     rec.event("finished", variants=sorted(variants))
     return results
