@@ -1,7 +1,7 @@
 """The device agent: enroll with a profile, follow the retained desired state, install, report, stay present.
 
-Threads: paho's network loop (callbacks only record and notify) and one worker that installs, sends
-heartbeats and re-sends an unanswered enrollment. The enrollment is re-sent with the same request id until an
+Threads: paho's network loop (callbacks only record and notify), one worker that installs and re-sends an
+unanswered enrollment, and a heartbeat thread (so a long download does not make the device look stale). The enrollment is re-sent with the same request id until an
 answer arrives, so a coordinator that died before committing it gets it again, and one that had committed it
 answers the same way (idempotent). Presence: a retained `state` message, online on connect and offline as the
 last will, numbered with a connection sequence kept in the device folder so late news of an old connection
@@ -53,6 +53,7 @@ class DeviceAgent:
         self._cond = threading.Condition()
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name=f"agent-{device_id}", daemon=True)
+        self._beater = threading.Thread(target=self._beat, name=f"heartbeat-{device_id}", daemon=True)
         # What the agent knows; read by tests and the fleet simulator through wait().
         self.connected = False
         self.connect_error: str | None = None
@@ -70,7 +71,6 @@ class DeviceAgent:
         self._retry_s = 1.0
         self._enrolled_at = 0.0
         self._seq = 0
-        self._hb_seq = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -78,6 +78,7 @@ class DeviceAgent:
         self.client.connect_async(self.address.host, self.address.port, keepalive=max(5, int(self.heartbeat_s * 3)))
         self.client.loop_start()
         self._worker.start()
+        self._beater.start()
         return self
 
     def stop(self) -> None:
@@ -86,6 +87,7 @@ class DeviceAgent:
             self._stopping = True
             self._cond.notify_all()
         self._worker.join(10)
+        self._beater.join(10)
         if self.connected:
             info = self.client.publish(topic(self.device_id, "state"),
                                        encode(Presence(self.device_id, False, self._seq)), qos=1, retain=True)
@@ -158,11 +160,10 @@ class DeviceAgent:
     # ---- the worker -------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        next_heartbeat = time.monotonic() + self.heartbeat_s
         while True:
             with self._cond:
-                now = time.monotonic()
-                self._cond.wait(timeout=max(0.0, min(next_heartbeat, self._due()) - now))
+                due = self._due()  # every change of state notifies, so with nothing due: wait for one
+                self._cond.wait(timeout=None if due == float("inf") else max(0.0, due - time.monotonic()))
                 if self._stopping:
                     return
                 now = time.monotonic()
@@ -175,12 +176,17 @@ class DeviceAgent:
                 self.client.publish(topic(self.device_id, "enroll"), encode(message), qos=1)
             if desired is not None and self._needs_apply(desired) and time.monotonic() >= self._retry_at:
                 self._apply(desired)
-            if time.monotonic() >= next_heartbeat:
-                next_heartbeat = time.monotonic() + self.heartbeat_s
-                if self.connected:
-                    self._hb_seq += 1
-                    self.client.publish(topic(self.device_id, "heartbeat"),
-                                        encode(Heartbeat(self.device_id, self._hb_seq)), qos=0)
+
+    def _beat(self) -> None:
+        seq = 0
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, self.heartbeat_s):
+                    return
+                connected = self.connected
+            if connected:
+                seq += 1
+                self.client.publish(topic(self.device_id, "heartbeat"), encode(Heartbeat(self.device_id, seq)), qos=0)
 
     def _due(self) -> float:
         """When the worker must wake next for an enrollment re-send or an install retry (monotonic time)."""
