@@ -54,3 +54,10 @@ def device_profile(device: DeviceConfig | None, measure: bool = False, latency_m
         return Profile(device.memory_mb, device.compute, device.latency_ms, AGENT_VERSION)
     target = latency_ms if latency_ms is not None else (device.latency_ms if device else None)
     return Profile(round(available_memory_mb(), 1), benchmark_compute(), target, AGENT_VERSION)
+
+
+def budget_changed(old: Profile, new: Profile, memory_tolerance: float = 0.1, compute_tolerance: float = 0.25) -> bool:
+    """Worth a new enrollment: memory moved by more than 10 %, compute (a noisier measurement) by more than 25 %."""
+    return (abs(new.memory_mb - old.memory_mb) > memory_tolerance * old.memory_mb
+            or abs(new.compute - old.compute) > compute_tolerance * old.compute
+            or new.latency_ms != old.latency_ms)

@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     d.add_argument("--measure", action="store_true",
                    help="measure memory and compute here instead of taking them from fleet.devices")
     d.add_argument("--latency-ms", type=float, help="latency target, with --measure")
+    d.add_argument("--remeasure-s", type=float, default=60.0,
+                   help="with --measure: measure again this often and re-enroll when the budget changed (default 60)")
     d.set_defaults(func=run, fleet_command="device")
 
     s = subparsers.add_parser("devices", help="simulate every device of the fleet config in one process")
@@ -60,12 +62,12 @@ def run(args) -> int:
         cfg.fleet, args)
 
 
-def _until_signalled() -> None:
-    """Block until SIGINT or SIGTERM."""
+def _stop_event() -> threading.Event:
+    """An event set by SIGINT or SIGTERM."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    return stop
 
 
 def _coordinator(fleet, args) -> int:
@@ -77,7 +79,7 @@ def _coordinator(fleet, args) -> int:
     print(f"coordinator: {len(catalog.variants)} variants, broker {fleet.broker.url}, http {coordinator.public_url} "
           f"(/metrics, /api/devices)", flush=True)
     try:
-        _until_signalled()
+        _stop_event().wait()
     finally:
         coordinator.stop()
     return 0
@@ -85,7 +87,7 @@ def _coordinator(fleet, args) -> int:
 
 def _device(fleet, args) -> int:
     from client.agent import DeviceAgent
-    from client.profile import device_profile
+    from client.profile import budget_changed, device_profile
     from shared.messages import valid_device_id
 
     if not valid_device_id(args.id):
@@ -102,8 +104,14 @@ def _device(fleet, args) -> int:
                         on_installed=lambda d: print(f"installed into {d}", flush=True))
     agent.start()
     threading.Thread(target=_report_changes, args=([agent],), daemon=True).start()
+    stop = _stop_event()
     try:
-        _until_signalled()
+        while not stop.wait(args.remeasure_s if args.measure else None):
+            measured = device_profile(device, True, args.latency_ms)
+            if budget_changed(agent.profile, measured):
+                print(f"{args.id}: budget changed to {measured.memory_mb:g} MiB, compute {measured.compute:g}: "
+                      "enrolling again", flush=True)
+                agent.update_profile(measured)
     finally:
         agent.stop()
     return 0
@@ -116,7 +124,7 @@ def _devices(fleet, args) -> int:
     print(f"simulating {len(agents)} devices", flush=True)
     threading.Thread(target=_report_changes, args=(agents,), daemon=True).start()
     try:
-        _until_signalled()
+        _stop_event().wait()
     finally:
         for agent in agents:
             agent.stop()

@@ -72,3 +72,13 @@ def test_profiles_come_from_the_config_or_a_measurement():
     measured = device_profile(device, measure=True)
     assert measured.memory_mb > 0 and 0 < measured.compute < 1e6 and measured.latency_ms == 20.0
     assert device_profile(None, latency_ms=5.0).latency_ms == 5.0
+
+
+def test_a_budget_change_worth_re_enrolling():
+    from client.profile import budget_changed
+
+    base = Profile(100, 1.0, None, "x")
+    assert not budget_changed(base, Profile(105, 1.2, None, "x"))  # measurement noise
+    assert budget_changed(base, Profile(80, 1.0, None, "x"))
+    assert budget_changed(base, Profile(100, 0.5, None, "x"))
+    assert budget_changed(base, Profile(100, 1.0, 10.0, "x"))

@@ -153,7 +153,10 @@ def test_hostile_payloads_leave_the_registry_unchanged_and_the_coordinator_servi
     device.subscribe(topic(DEVICE, "desired"))
     device.subscribe(topic(DEVICE, "error"))
     device.publish(topic(DEVICE, "enroll"), encode(Enroll(DEVICE, "req-0", profile_of(DEVICES[1]))))
-    assert device.next_message()[0] == topic(DEVICE, "desired")
+    answer = device.next_message()
+    assert answer[0] == topic(DEVICE, "desired")
+    first = decode_desired(DEVICE, answer[1])
+    assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[1]), first.assignment.variant_id)
     before = registry_dump(coordinator)
     sent = []
 

@@ -127,6 +127,7 @@ def test_presence_follows_last_will_and_heartbeats(broker_fleet, synthetic_catal
     coordinator = fleet_coordinator(fleet, synthetic_catalog)
     agent = device_agents(fleet, DEVICES[1], heartbeat_s=0.3)
     assert agent.wait(settled, 20)
+    assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[1]), agent.desired.assignment.variant_id)
 
     def presence():
         return coordinator.devices()[0]["presence"]
@@ -158,6 +159,7 @@ def test_agent_and_coordinator_recover_from_broker_loss(tmp_path, synthetic_cata
     fleet_coordinator(fleet, synthetic_catalog)
     agent = device_agents(fleet, DEVICES[0])
     assert agent.wait(settled, 20)
+    assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[0]), agent.desired.assignment.variant_id)
     standalone_broker.stop()  # the broker dies, and its retained messages with it
     assert agent.wait(lambda a: not a.connected, 10)
     assert wait_until(lambda: _restart(standalone_broker), 10)
@@ -190,6 +192,7 @@ def test_aggregated_stitch_becomes_a_new_version_that_only_moves_the_stitch(tmp_
     agent = device_agents(fleet, DEVICES[1])
     assert agent.wait(settled, 20)
     vid = agent.desired.assignment.variant_id
+    assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[1]), vid)
     old = synthetic_catalog.manifest(vid)
     stitch = bytes_to_tensors(synthetic_catalog.store.read(old.stitch_block().sha256))
     url = f"{coordinator.public_url}/api/variants/{vid}/stitch"

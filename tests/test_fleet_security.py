@@ -37,6 +37,7 @@ def test_a_device_can_neither_write_nor_read_another_devices_topics(tmp_path, mo
     victim_cfg, intruder_cfg = DEVICES[1], DEVICES[0]
     victim = device_agents(fleet, victim_cfg)
     assert victim.wait(settled, 20)
+    assert_assignment_ok(synthetic_catalog, profile_of(victim_cfg), victim.desired.assignment.variant_id)
     assert wait_until(lambda: coordinator.devices()[0]["state"] == "installed")
     before = coordinator.devices()
 
@@ -75,6 +76,7 @@ def test_a_tampered_block_is_refused_and_the_previous_variant_stays(tmp_path, mo
     agent = device_agents(fleet, DEVICES[0])
     assert agent.wait(settled, 20)
     old_variant = agent.installed.variant_id
+    assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[0]), old_variant)
     current = (agent.device_dir / "current.json").read_bytes()
 
     bigger = Profile(200.0, 2.0, 10.0, "test")
@@ -97,6 +99,7 @@ def test_a_tampered_block_is_refused_and_the_previous_variant_stays(tmp_path, mo
 
     blob.write_bytes(original)  # the operator repairs the store: the agent's retry succeeds
     assert agent.wait(lambda a: settled(a) and a.installed.variant_id == target, 20)
+    assert_assignment_ok(synthetic_catalog, bigger, agent.desired.assignment.variant_id)
     assert sha256_bytes((agent.device_dir / "current.json").read_bytes()) == agent.desired.assignment.manifest_sha256
 
 
