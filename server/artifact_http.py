@@ -160,6 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, self.api.stitch_update(m.group(1), accuracy, body))
             raise ApiError(404, f"no such resource: {url.path[:200]}")
         except ApiError as exc:
+            self.close_connection = True  # the body may be unread: this connection cannot carry another request
             self._json(exc.status, {"error": exc.message})
 
     def _authorise(self):
