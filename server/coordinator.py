@@ -98,12 +98,25 @@ class Coordinator:
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> "Coordinator":
+        address = parse_url(self.fleet.broker.url)
+        try:
+            self._start(address)
+        except BaseException:
+            self.stop()  # release whatever had started: ports, the broker process, threads
+            raise
+        log.info("coordinator up: mqtt %s:%d, http %s", address.host, address.port, self.public_url)
+        return self
+
+    def _start(self, address) -> None:
         f = self.fleet
-        self.http = ArtifactServer(self, f.http_host, f.http_port, f.http_cert_file, f.http_key_file,
-                                   f.api_token).start()
+        try:
+            self.http = ArtifactServer(self, f.http_host, f.http_port, f.http_cert_file, f.http_key_file,
+                                       f.api_token).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve HTTP on {f.http_host}:{f.http_port}: {exc}",
+                              "set fleet.http_port to a free port") from None
         host = "127.0.0.1" if f.http_host in ("0.0.0.0", "", "::") else f.http_host
         self.public_url = (f.http_public_url or f"{self.http.scheme}://{host}:{self.http.port}").rstrip("/")
-        address = parse_url(f.broker.url)
         if address.embedded:
             self._embedded = EmbeddedBroker(address, f.broker.max_payload).start()
         self._worker.start()
@@ -116,17 +129,12 @@ class Coordinator:
         try:
             client.connect(address.host, address.port, keepalive=30)
         except OSError as exc:
-            self.stop()
             raise ConfigError(f"cannot reach the MQTT broker at {address.host}:{address.port}: {exc}",
                               "start the broker or fix broker.url") from None
         client.loop_start()
         if not self._connected.wait(CONNECT_TIMEOUT_S) or self._connect_error:
-            reason = self._connect_error or "no answer"
-            self.stop()
-            raise ConfigError(f"the MQTT broker refused the coordinator: {reason}",
+            raise ConfigError(f"the MQTT broker refused the coordinator: {self._connect_error or 'no answer'}",
                               "check broker.username/password and the broker's ACL")
-        log.info("coordinator up: mqtt %s:%d, http %s", address.host, address.port, self.public_url)
-        return self
 
     def stop(self) -> None:
         if self._worker.is_alive():

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
-import time
+import socket
 from dataclasses import replace
 
+import pytest
+
 from fleet_helpers import (DEVICES, assert_assignment_ok, device_agents, fleet_config, fleet_coordinator,  # noqa: F401
-                           http, mosquitto_broker, profile_of, raw_clients, synthetic_catalog,
+                           free_port, http, mosquitto_broker, profile_of, raw_clients, synthetic_catalog,
                            _synthetic_catalog_template, tls_cert, wait_until, write_config)
 
 from client.fleet_sim import settled
 from server.cli_fleet import main as fleet_cli
+from server.coordinator import Coordinator
 from shared.artifacts import BlobStore, sha256_bytes
+from shared.errors import ConfigError
 from shared.messages import Enroll, Presence, Profile, Status, decode_desired, encode, topic
 
 
@@ -147,3 +151,12 @@ def test_acl_command_writes_mosquitto_files(tmp_path, capsys):
     assert fleet_cli(["acl", "--config", str(write_config(tmp_path / "bad.yaml", no_password)),
                       "--out", str(tmp_path / "bad")]) == 2
     assert "has no password" in capsys.readouterr().err
+
+
+def test_a_coordinator_with_wrong_credentials_fails_with_a_clear_error(tmp_path, mosquitto_broker, synthetic_catalog):
+    fleet = mosquitto_fleet(tmp_path, mosquitto_broker)
+    wrong = replace(fleet, broker=replace(fleet.broker, password="wrong"), http_port=free_port())
+    with pytest.raises(ConfigError, match="refused the coordinator"):
+        Coordinator(wrong, synthetic_catalog).start()
+    with socket.socket() as s:  # its HTTP port was released
+        s.bind(("127.0.0.1", wrong.http_port))
