@@ -126,9 +126,16 @@ def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Pa
     if not answer.get("success"):
         raise RestnetError(f"the SuperLink did not start the run: {answer}")
     run_id = str(answer["run-id"])
+    deadline = time.monotonic() + timeout
     _follow_log(run_id, flwr_home, Path(log_path), timeout, echo)
-    runs = _json_tail(_flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"], flwr_home))["runs"]
-    return RunOutcome(run_id, runs[0]["status"], runs[0].get("status-details", ""), time.monotonic() - started)
+    while True:  # the log stream ends with the run, or earlier if its connection broke: ask for the status
+        run = _json_tail(_flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"], flwr_home))["runs"][0]
+        if run["status"].startswith("finished"):
+            return RunOutcome(run_id, run["status"], run.get("status-details", ""), time.monotonic() - started)
+        if time.monotonic() > deadline:
+            _flwr(["stop", run_id, CONNECTION], flwr_home)
+            raise RestnetError(f"run {run_id} did not finish within {timeout:.0f}s; stopped it", f"see {log_path}")
+        time.sleep(5.0)
 
 
 def _follow_log(run_id: str, flwr_home: Path, log_path: Path, timeout: float, echo) -> None:
