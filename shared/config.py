@@ -103,7 +103,7 @@ class FleetConfig:
     api_token: str | None = None  # required as `Authorization: Bearer` on POST /api/... when set
     catalog: str = "catalog"  # the catalog folder the coordinator serves
     device_root: str = "devices"  # where `restnet device(s)` keep each device's installed variant
-    memory_margin: float = 0.2  # fraction of a device's memory kept free
+    memory_margin: float = 0.2  # safety margin: a variant fits when (inference + fine-tune memory) x (1 + margin) <= device memory
     heartbeat_s: float = 10.0
     stale_after_s: float = 30.0
     devices: list[DeviceConfig] = field(default_factory=list)
