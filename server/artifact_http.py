@@ -1,5 +1,6 @@
 """The coordinator's HTTP side: artifacts for devices, /metrics for Prometheus, a small JSON API.
 
+  GET  /  (or /index.html)                       the fleet status page (server/status_page.py)
   GET  /manifests/<variant_id>/v<version>.json   manifest bytes (devices check their sha256 from the desired state)
   GET  /blobs/<sha256>                           a content-addressed block; single `Range: bytes=` requests -> 206
   GET  /metrics                                  Prometheus exposition
@@ -24,6 +25,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from server.metrics import FleetMetrics
+from server.status_page import CONTENT_SECURITY_POLICY, render_page
 
 MAX_POST_BYTES = 256 << 20
 CHUNK = 1 << 16
@@ -98,6 +100,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, self.api.devices(), head)
             if path == "/api/catalog":
                 return self._send(200, self.api.catalog_bytes(), "application/json", head)
+            if path in ("/", "/index.html"):
+                page = render_page(self.api.devices(), json.loads(self.api.catalog_bytes()))
+                return self._send(200, page, "text/html; charset=utf-8", head,
+                                  {"Cache-Control": "no-store", "Content-Security-Policy": CONTENT_SECURITY_POLICY})
             raise ApiError(404, f"no such resource: {path[:200]}")
         except ApiError as exc:
             self._json(exc.status, {"error": exc.message}, head)
@@ -184,9 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj, head: bool = False):
         self._send(status, json.dumps(obj).encode(), "application/json", head)
 
-    def _send(self, status: int, data: bytes, ctype: str, head: bool = False):
+    def _send(self, status: int, data: bytes, ctype: str, head: bool = False, headers: dict | None = None):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if not head:

@@ -1,0 +1,272 @@
+"""The fleet status page served at `/`: who is enrolled, what each device runs, and the catalog it is chosen from.
+
+One self-contained HTML document (no external assets: fleets often run offline). The server renders the first
+paint so the page works without JavaScript; a small inline script then re-renders the same tables from
+`/api/devices` and `/api/catalog` every few seconds, so an open page stays live. Device ids and reasons come
+from devices and are treated as hostile: Python escapes every value, the script only ever sets `textContent`,
+and the Content-Security-Policy below allows no script but our own (defence in depth if escaping ever slips).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import time
+
+REFRESH_S = 3
+_PRESENCE = ("online", "stale", "offline")
+
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
+header{background:#1d2433;color:#fff;padding:14px 24px;display:flex;align-items:baseline;gap:18px;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+header a{color:#9cc3ff;margin-right:12px}
+main{padding:8px 24px 24px}
+h2{font-size:15px;margin:22px 0 8px}
+#summary{font-size:15px;margin:14px 0 0}
+#live{color:#667;font-size:12px;margin:4px 0 0}
+#live.down{color:#b3261e;font-weight:600}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px rgba(0,0,0,.08);min-width:60%}
+th,td{padding:6px 12px;text-align:left;border-bottom:1px solid #e4e7ec;white-space:nowrap}
+th{background:#eef0f4;font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.03em;color:#445}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.id{font-family:ui-monospace,Menlo,Consolas,monospace}
+.reason{display:block;color:#b3261e;font-size:12px;white-space:normal;max-width:420px;overflow-wrap:anywhere}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;background:#e4e7ec}
+.online,.installed{background:#d5f2dc;color:#14632b}
+.stale,.downloading,.verified,.assigned{background:#fff1c2;color:#7a5300}
+.offline{background:#e4e7ec;color:#555}
+.failed,.refused{background:#fbd9d6;color:#8c1d13}
+.muted{color:#889}
+"""
+
+# The live half of the page. Constant text (its sha256 goes into the CSP); it builds nodes with textContent only.
+_SCRIPT = """
+"use strict";
+(function () {
+  var REFRESH_MS = @REFRESH_MS@;
+  function fmt(x, digits) { return x == null ? "\\u2014" : Number(x).toFixed(digits); }
+  function sig(x) { return x == null ? "\\u2014" : String(Number(Number(x).toPrecision(3))); }
+  function mib(bytes) { return bytes == null ? "\\u2014" : fmt(bytes / 1048576, 1) + " MiB"; }
+  function count(n) { return n >= 1e6 ? fmt(n / 1e6, 2) + "M" : n >= 1e3 ? fmt(n / 1e3, 1) + "K" : String(n); }
+  function pct(x) { return x == null ? "\\u2014" : fmt(100 * x, 2) + "%"; }
+  function ago(ts, now) {
+    if (ts == null) return "never";
+    var s = Math.max(0, Math.round(now - ts));
+    return s < 120 ? s + " s ago" : s < 7200 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
+  }
+  function cell(row, text, cls) {
+    var td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    row.appendChild(td);
+    return td;
+  }
+  function badge(td, text) {
+    var span = document.createElement("span");
+    span.className = "badge " + text;
+    span.textContent = text;
+    td.appendChild(span);
+  }
+  function fill(id, rows, empty, columns) {
+    var body = document.getElementById(id);
+    body.textContent = "";
+    rows.forEach(function (r) { body.appendChild(r); });
+    if (!rows.length) {
+      var tr = document.createElement("tr");
+      cell(tr, empty, "muted").colSpan = columns;
+      body.appendChild(tr);
+    }
+  }
+  function render(devices, catalog, now) {
+    var used = {}, presence = {online: 0, stale: 0, offline: 0}, installed = 0;
+    fill("devices", devices.map(function (d) {
+      var tr = document.createElement("tr"), p = d.profile || {};
+      used[d.variant_id] = (used[d.variant_id] || 0) + 1;
+      presence[d.presence] = (presence[d.presence] || 0) + 1;
+      if (d.state === "installed") installed++;
+      cell(tr, d.id, "id");
+      badge(cell(tr, ""), d.presence);
+      var st = cell(tr, "");
+      badge(st, d.state);
+      if (d.reason) {
+        var why = document.createElement("span");
+        why.className = "reason";
+        why.textContent = d.reason;
+        st.appendChild(why);
+      }
+      cell(tr, d.variant_id == null ? "\\u2014" : d.variant_id, "id");
+      cell(tr, d.variant_version == null ? "\\u2014" : "v" + d.variant_version, "num");
+      cell(tr, fmt(p.memory_mb, 1) + " MiB", "num");
+      cell(tr, sig(p.compute), "num");
+      cell(tr, p.latency_ms == null ? "\\u2014" : sig(p.latency_ms) + " ms", "num");
+      cell(tr, ago(d.last_seen, now), "num");
+      return tr;
+    }), "no device has enrolled yet", 9);
+    var variants = (catalog.variants || []).slice().sort(function (a, b) { return a.params - b.params; });
+    fill("variants", variants.map(function (v) {
+      var tr = document.createElement("tr");
+      cell(tr, v.id, "id");
+      cell(tr, count(v.params), "num");
+      cell(tr, mib(v.memory_bytes), "num");
+      cell(tr, mib(v.finetune_memory_bytes), "num");
+      cell(tr, v.accuracy != null ? pct(v.accuracy)
+               : v.accuracy_init != null ? pct(v.accuracy_init) + " (init)" : "\\u2014", "num");
+      cell(tr, "v" + v.version, "num");
+      cell(tr, String(used[v.id] || 0), "num");
+      return tr;
+    }), "the catalog has no variants", 7);
+    var inUse = variants.filter(function (v) { return used[v.id]; }).length;
+    document.getElementById("summary").textContent = devices.length + " devices \\u00b7 " + presence.online +
+      " online \\u00b7 " + presence.stale + " stale \\u00b7 " + presence.offline + " offline \\u00b7 " + installed +
+      " installed \\u00b7 " + inUse + " of " + variants.length + " variants in use";
+  }
+  function status(text, down) {
+    var el = document.getElementById("live");
+    el.textContent = text;
+    el.className = down ? "down" : "";
+  }
+  function refresh() {
+    Promise.all([fetch("api/devices", {cache: "no-store"}), fetch("api/catalog", {cache: "no-store"})])
+      .then(function (rs) {
+        rs.forEach(function (r) { if (!r.ok) throw new Error("HTTP " + r.status + " from " + r.url); });
+        var now = Date.parse(rs[0].headers.get("Date")) / 1000 || Date.now() / 1000;  // the server's clock
+        return Promise.all([rs[0].json(), rs[1].json()]).then(function (j) { render(j[0], j[1], now); });
+      })
+      .then(function () {
+        var when = new Date().toLocaleTimeString();
+        status("live \\u00b7 updated " + when + " \\u00b7 every " + REFRESH_MS / 1000 + " s");
+      }, function (e) {
+        status("cannot reach the coordinator (" + e.message + "): showing the last known state", true);
+      })
+      .then(function () { setTimeout(refresh, REFRESH_MS); });
+  }
+  document.body.setAttribute("data-live", "1");
+  refresh();
+})();
+""".replace("@REFRESH_MS@", str(REFRESH_S * 1000))
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Only our inline script and style run; the script may only talk to this origin.
+CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
+                           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")
+
+
+def render_page(devices: list[dict], catalog: dict, now: float | None = None) -> bytes:
+    """The whole page for the registry snapshot `devices` (/api/devices) and `catalog` (catalog.json)."""
+    now = time.time() if now is None else now
+    used: dict[str, int] = {}
+    for d in devices:
+        used[d["variant_id"]] = used.get(d["variant_id"], 0) + 1
+    variants = sorted(catalog.get("variants", []), key=lambda v: v["params"])
+    device_rows = "".join(_device_row(d, now) for d in devices) or _empty("no device has enrolled yet", 9)
+    variant_rows = "".join(_variant_row(v, used.get(v["id"], 0)) for v in variants) or \
+        _empty("the catalog has no variants", 7)
+    front, behind = catalog.get("front", {}).get("name", "?"), catalog.get("behind", {}).get("name", "?")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>ReStNet Fleet status</title>
+<style>{_STYLE}</style></head>
+<body>
+<header><h1>ReStNet Fleet</h1><span>catalog: {_e(front)} &rarr; {_e(behind)}</span>
+<nav><a href="metrics">/metrics</a><a href="api/devices">/api/devices</a><a href="api/catalog">/api/catalog</a></nav>
+</header>
+<main>
+<p id="summary">{_e(summary(devices, variants))}</p>
+<p id="live">rendered by the coordinator at {time.strftime("%H:%M:%S", time.localtime(now))}</p>
+<h2>Devices</h2>
+<table><thead><tr><th>device</th><th>presence</th><th>state</th><th>variant</th><th>version</th><th>memory</th>
+<th>compute</th><th>latency target</th><th>last seen</th></tr></thead>
+<tbody id="devices">{device_rows}</tbody></table>
+<h2>Catalog variants</h2>
+<table><thead><tr><th>variant</th><th>params</th><th>inference memory</th><th>fine-tune memory</th><th>accuracy</th>
+<th>version</th><th>devices</th></tr></thead>
+<tbody id="variants">{variant_rows}</tbody></table>
+</main>
+<script>{_SCRIPT}</script>
+</body></html>
+""".encode()
+
+
+def summary(devices: list[dict], variants: list[dict]) -> str:
+    """One line about the fleet (the page's headline; `restnet status` prints the same)."""
+    presence = {p: sum(d["presence"] == p for d in devices) for p in _PRESENCE}
+    installed = sum(d["state"] == "installed" for d in devices)
+    used = {d["variant_id"] for d in devices if d["variant_id"] is not None}
+    in_use = sum(v["id"] in used for v in variants)
+    return (f"{len(devices)} devices · {presence['online']} online · {presence['stale']} stale · "
+            f"{presence['offline']} offline · {installed} installed · {in_use} of {len(variants)} variants in use")
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    s = max(0, round(now - ts))
+    return f"{s} s ago" if s < 120 else f"{round(s / 60)} min ago" if s < 7200 else f"{round(s / 3600)} h ago"
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _sig(value) -> str:
+    return "—" if value is None else f"{float(f'{value:.3g}'):g}"
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _badge(text: str) -> str:
+    return f'<span class="badge {_e(text)}">{_e(text)}</span>'
+
+
+def _empty(text: str, columns: int) -> str:
+    return f'<tr><td class="muted" colspan="{columns}">{_e(text)}</td></tr>'
+
+
+def _device_row(d: dict, now: float) -> str:
+    p = d.get("profile") or {}
+    reason = f'<span class="reason">{_e(d["reason"])}</span>' if d.get("reason") else ""
+    latency = "—" if p.get("latency_ms") is None else f"{_sig(p['latency_ms'])} ms"
+    version = "—" if d["variant_version"] is None else f"v{d['variant_version']}"
+    cells = [f'<td class="id">{_e(d["id"])}</td>', f"<td>{_badge(d['presence'])}</td>",
+             f"<td>{_badge(d['state'])}{reason}</td>", f'<td class="id">{_e(d["variant_id"] or "—")}</td>',
+             f'<td class="num">{_e(version)}</td>', f'<td class="num">{_e(_num(p.get("memory_mb"), 1))} MiB</td>',
+             f'<td class="num">{_e(_sig(p.get("compute")))}</td>', f'<td class="num">{_e(latency)}</td>',
+             f'<td class="num">{_e(ago(d.get("last_seen"), now))}</td>']
+    return "<tr>" + "".join(cells) + "</tr>\n"
+
+
+def _variant_row(v: dict, devices: int) -> str:
+    if v.get("accuracy") is not None:
+        accuracy = _pct(v["accuracy"])
+    elif v.get("accuracy_init") is not None:
+        accuracy = f"{_pct(v['accuracy_init'])} (init)"
+    else:
+        accuracy = "—"
+    cells = [f'<td class="id">{_e(v["id"])}</td>', f'<td class="num">{_e(_count(v["params"]))}</td>',
+             f'<td class="num">{_e(_mib(v.get("memory_bytes")))}</td>',
+             f'<td class="num">{_e(_mib(v.get("finetune_memory_bytes")))}</td>',
+             f'<td class="num">{_e(accuracy)}</td>', f'<td class="num">v{_e(v["version"])}</td>',
+             f'<td class="num">{devices}</td>']
+    return "<tr>" + "".join(cells) + "</tr>\n"
