@@ -8,7 +8,7 @@ round, so a node that comes back (with a new node id) takes part again.
 
 Results go to the coordinator's HTTP API when `coordinator-url` is set (round reports, then each variant's new
 stitching weights) and to `output-dir` when that is set: `events.jsonl` (progress), `results.json`, and
-`<variant_id>.safetensors` per improved variant.
+`<variant_id>.safetensors` per improved variant (its best aggregate, never one below the delivered accuracy).
 """
 from __future__ import annotations
 
@@ -89,8 +89,15 @@ class VariantState:
     current: dict[str, torch.Tensor]
     val_front: torch.utils.data.TensorDataset  # validation images through the frozen front, computed once
     accuracy_initial: float = 0.0
-    accuracy: float = 0.0
-    improved: bool = False  # at least one update was accepted during the run
+    accuracy: float = 0.0  # of `current`, the latest aggregate
+    best: dict[str, torch.Tensor] | None = None  # the best aggregate so far that is no worse than the initial
+    best_accuracy: float = 0.0
+
+    @property
+    def improved(self) -> bool:
+        """An aggregate reached at least the delivered accuracy: only then is a new version published, so a
+        federated run never ships a regression."""
+        return self.best is not None
 
     def evaluate(self) -> float:
         from shared.training import evaluate
@@ -228,10 +235,11 @@ class Recorder:
         """Write each improved variant's weights and results.json, then hand new stitches to the coordinator."""
         summary = {}
         for vid, v in sorted(variants.items()):
-            entry = {"base_version": v.base_version, "accuracy_initial": v.accuracy_initial, "accuracy": v.accuracy,
-                     "improved": v.improved}
+            entry = {"base_version": v.base_version, "accuracy_initial": v.accuracy_initial,
+                     "accuracy": v.best_accuracy if v.improved else v.accuracy_initial,
+                     "accuracy_last_round": v.accuracy, "improved": v.improved}
             if v.improved:
-                data = tensors_to_bytes(v.current)
+                data = tensors_to_bytes(v.best)
                 entry["stitch_sha256"] = sha256_bytes(data)
                 if self.output_dir:
                     atomic_write(self.output_dir / f"{vid}.safetensors", data)
@@ -245,9 +253,9 @@ class Recorder:
         if self.url:
             for vid, v in sorted(variants.items()):
                 if v.improved:  # a failure here is the run's failure: the loop would stay open
-                    query = urllib.parse.urlencode({"accuracy": f"{v.accuracy:.6f}"})
+                    query = urllib.parse.urlencode({"accuracy": f"{v.best_accuracy:.6f}"})
                     answer = self._post(f"/api/variants/{urllib.parse.quote(vid, safe='')}/stitch?{query}",
-                                        tensors_to_bytes(v.current), "application/octet-stream")
+                                        tensors_to_bytes(v.best), "application/octet-stream")
                     log(INFO, "coordinator accepted the new stitch of %s: %s", vid, answer)
         return results
 
@@ -319,8 +327,10 @@ def aggregate_replies(rnd: int, v: VariantState, nodes: list[int], replies: dict
         (malformed if got == "malformed" else lost)[got] += 1
     agg = aggregate_variant(v.variant_id, v.current, updates, s.aggregation, s.norm_bound, s.trim_fraction, malformed)
     if agg.accepted:
-        v.current, v.improved = agg.state, True
+        v.current = agg.state
         v.accuracy = v.evaluate()
+        if v.accuracy >= max(v.accuracy_initial, v.best_accuracy if v.best is not None else 0.0):
+            v.best, v.best_accuracy = v.current, v.accuracy
     record = RoundRecord(
         round=rnd, variant_id=v.variant_id, accuracy=v.accuracy, num_nodes=len(nodes),
         num_updates=len(agg.accepted), num_examples=agg.num_examples, rejected=dict(agg.rejected),

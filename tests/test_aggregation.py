@@ -264,7 +264,11 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
     assert rec["variant_id"] == vid and rec["num_nodes"] == 7 and rec["num_updates"] == 2
     assert rec["rejected"] == {kind: 1 for kind in kinds}
     assert rec["stitch_sha256"] == clean["rounds"][0]["stitch_sha256"]  # bit-identical to the honest-only run
-    assert (tmp_path / "mixed" / f"{vid}.safetensors").read_bytes() == (tmp_path / "clean" / f"{vid}.safetensors").read_bytes()
+    # the same outcome as the honest-only run: published (a file) only when no worse than the delivered stitch
+    assert mixed["variants"][vid] == clean["variants"][vid]
+    if clean["variants"][vid]["improved"]:
+        assert (tmp_path / "mixed" / f"{vid}.safetensors").read_bytes() == \
+            (tmp_path / "clean" / f"{vid}.safetensors").read_bytes()
     assert 0.0 <= rec["accuracy"] <= 1.0
 
 
