@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -213,3 +214,42 @@ class SuperNode:
         self.stop()
         self.node = node or self.node
         return self.start()
+
+
+class SuperNodeManager:
+    """The device side of "a SuperNode per installed device": start a device's SuperNode on its first install,
+    restart it when it is re-assigned to another variant (a new version of the same variant needs nothing: the
+    ClientApp reads the installed variant on every message). Use `on_installed` as the agent's hook."""
+
+    def __init__(self, superlink: str, data, partition, device_ids: list[str], **supernode_options):
+        self.superlink, self.data, self.partition = superlink, data, partition
+        self.partition_of = {d: i for i, d in enumerate(device_ids)}  # device i owns partition i of n
+        self.options = supernode_options
+        self.nodes: dict[str, tuple[str, SuperNode]] = {}  # device id -> (variant id, its SuperNode)
+        self.lock = threading.Lock()
+
+    def on_installed(self, device_dir: Path) -> None:
+        from client.fl_client import installed_variant
+
+        device_dir = Path(device_dir)
+        variant = installed_variant(device_dir)["variant-id"]
+        with self.lock:
+            known = self.nodes.get(device_dir.name)
+            if known is not None and known[0] == variant:
+                return
+            node_data = NodeData(device_dir, self.data, self.partition_of[device_dir.name], len(self.partition_of),
+                                 self.partition)
+            node = known[1].restart(node_data) if known else \
+                SuperNode(node_data, self.superlink, **self.options).start(wait=False)
+            self.nodes[device_dir.name] = (variant, node)
+
+    def wait_ready(self) -> None:
+        for _, node in list(self.nodes.values()):
+            node.wait_ready()
+
+    def stop(self) -> None:
+        with self.lock:
+            for _, node in self.nodes.values():
+                node.stop()
+            self.nodes.clear()
+

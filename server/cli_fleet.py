@@ -42,6 +42,13 @@ def add_parser(subparsers) -> None:
     s.add_argument("--root", help="folder for the device folders (default: fleet.device_root)")
     s.set_defaults(func=run, fleet_command="devices")
 
+    for p in (d, s):
+        p.add_argument("--superlink", metavar="HOST:PORT",
+                       help="start a Flower SuperNode for each installed device, connected to this SuperLink "
+                            "(restarted when the device is re-assigned to another variant)")
+        p.add_argument("--superlink-ca", help="CA certificate of a TLS SuperLink (default: plain HTTP, --insecure)")
+        p.add_argument("--supernode-key", help="the device's private key when the SuperLink authenticates SuperNodes")
+
     a = subparsers.add_parser("acl", help="write a Mosquitto password file, ACL and config for the fleet",
                               description="Per-device credentials: each device may only use its own topics.")
     a.add_argument("--config", required=True, help="fleet config YAML")
@@ -69,8 +76,9 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config)
-    return {"coordinator": _coordinator, "device": _device, "devices": _devices, "acl": _acl}[args.fleet_command](
-        cfg.fleet, args)
+    if args.fleet_command in ("device", "devices"):
+        return {"device": _device, "devices": _devices}[args.fleet_command](cfg, args)
+    return {"coordinator": _coordinator, "acl": _acl}[args.fleet_command](cfg.fleet, args)
 
 
 def _stop_event() -> threading.Event:
@@ -96,11 +104,22 @@ def _coordinator(fleet, args) -> int:
     return 0
 
 
-def _device(fleet, args) -> int:
+def _supernodes(cfg, args, device_ids: list[str]):
+    """With --superlink: the hook that gives every installed device its SuperNode (else None)."""
+    if not getattr(args, "superlink", None):
+        return None
+    from client.supernode import SuperNodeManager
+
+    return SuperNodeManager(args.superlink, cfg.data, cfg.federated.partition, device_ids,
+                            root_certificates=args.superlink_ca, auth_private_key=args.supernode_key)
+
+
+def _device(cfg, args) -> int:
     from client.agent import DeviceAgent
     from client.profile import budget_changed, device_profile
     from shared.messages import valid_device_id
 
+    fleet = cfg.fleet
     if not valid_device_id(args.id):
         raise ConfigError(f"device id {args.id!r} may only hold letters, digits, '-' and '_' (at most 64)")
     device = next((d for d in fleet.devices if d.id == args.id), None)
@@ -111,8 +130,16 @@ def _device(fleet, args) -> int:
     print(f"{args.id}: memory {profile.memory_mb:g} MiB, compute {profile.compute:g}, "
           f"latency target {profile.latency_ms or 'none'}", flush=True)
     folder = Path(args.dir or Path(fleet.device_root) / args.id)
+    # A real device owns its data: partition 0 of 1 of the config's dataset (data.root on this device).
+    nodes = _supernodes(cfg, args, [folder.name])
+
+    def installed(d: Path) -> None:
+        print(f"installed into {d}", flush=True)
+        if nodes is not None:
+            nodes.on_installed(d)
+
     agent = DeviceAgent(args.id, fleet.broker, password, profile, folder, fleet.http_ca_file, fleet.heartbeat_s,
-                        on_installed=lambda d: print(f"installed into {d}", flush=True))
+                        on_installed=installed)
     agent.start()
     threading.Thread(target=_report_changes, args=([agent],), daemon=True).start()
     stop = _stop_event()
@@ -125,13 +152,18 @@ def _device(fleet, args) -> int:
                 agent.update_profile(measured)
     finally:
         agent.stop()
+        if nodes is not None:
+            nodes.stop()
     return 0
 
 
-def _devices(fleet, args) -> int:
+def _devices(cfg, args) -> int:
     from client.fleet_sim import start_fleet
 
-    agents = start_fleet(fleet, args.root, args.only.split(",") if args.only else None)
+    fleet = cfg.fleet
+    nodes = _supernodes(cfg, args, [d.id for d in fleet.devices])  # simulated device i owns partition i of n
+    agents = start_fleet(fleet, args.root, args.only.split(",") if args.only else None,
+                         on_installed=nodes.on_installed if nodes else None)
     print(f"simulating {len(agents)} devices", flush=True)
     threading.Thread(target=_report_changes, args=(agents,), daemon=True).start()
     try:
@@ -139,6 +171,8 @@ def _devices(fleet, args) -> int:
     finally:
         for agent in agents:
             agent.stop()
+        if nodes is not None:
+            nodes.stop()
     return 0
 
 

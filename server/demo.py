@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -66,45 +65,9 @@ def ensure_catalog(cfg, config_path: Path, base: Path, rebuild: bool, progress: 
     stamp.write_text(digest)
 
 
-class SuperNodes:
-    """One SuperNode per installed device, started on its first install, restarted when its variant changes."""
-
-    def __init__(self, superlink: str, cfg, device_ids: list[str]):
-        self.superlink, self.cfg = superlink, cfg
-        self.partition_of = {d: i for i, d in enumerate(device_ids)}
-        self.nodes: dict[str, tuple[str, object]] = {}  # device id -> (variant id, SuperNode)
-        self.lock = threading.Lock()
-
-    def on_installed(self, device_dir: Path) -> None:
-        from client.fl_client import installed_variant
-        from client.local_data import NodeData
-        from client.supernode import SuperNode
-
-        device_dir = Path(device_dir)
-        variant = installed_variant(device_dir)["variant-id"]
-        with self.lock:
-            known = self.nodes.get(device_dir.name)
-            if known is not None and known[0] == variant:
-                return  # a new version of the same variant: the ClientApp reads it on its next message
-            node_data = NodeData(device_dir, self.cfg.data, self.partition_of[device_dir.name],
-                                 len(self.partition_of), self.cfg.federated.partition)
-            node = known[1].restart(node_data) if known else SuperNode(node_data, self.superlink).start(wait=False)
-            self.nodes[device_dir.name] = (variant, node)
-
-    def wait_ready(self) -> None:
-        for _, node in list(self.nodes.values()):
-            node.wait_ready()
-
-    def stop(self) -> None:
-        with self.lock:
-            for _, node in self.nodes.values():
-                node.stop()
-            self.nodes.clear()
-
-
 def run(args) -> int:
     from client.fleet_sim import describe, start_fleet, wait_settled
-    from client.supernode import free_port
+    from client.supernode import SuperNodeManager, free_port
     from server.coordinator import Coordinator
     from server.fl_runner import SuperLink, flwr_run, run_config
     from shared.catalog import Catalog
@@ -138,7 +101,7 @@ def run(args) -> int:
         link = SuperLink(run_dir / "flower", port=free_port()).start()
         stack.callback(link.stop)
         say(f"Flower SuperLink up on {link.address}")
-        nodes = SuperNodes(link.address, cfg, device_ids)
+        nodes = SuperNodeManager(link.address, cfg.data, cfg.federated.partition, device_ids)
         stack.callback(nodes.stop)
         agents = start_fleet(fleet, run_dir / "devices", on_installed=nodes.on_installed)
         stack.callback(lambda: [a.stop() for a in agents])

@@ -1,0 +1,150 @@
+"""A shortened `restnet demo`, end to end with real processes: embedded broker, coordinator, SuperLink,
+SuperNodes, federated rounds. Checks the table's content, the plots, and that nothing is left running."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.catalog import Catalog
+from shared.messages import Profile
+from tests.conftest import tiny_config_dict
+from tests.fleet_helpers import assert_assignment_ok
+
+pytestmark = pytest.mark.slow
+
+
+def demo_config(tmp_path: Path) -> dict:
+    cfg = tiny_config_dict()
+    cfg["catalog"].update({"sweep": 3, "finetune": {"epochs": 0}, "measure_latency": False})
+    cfg["fleet"] = {"memory_margin": 0.2, "devices": [
+        {"id": "small-1", "memory_mb": 1.0, "compute": 1.0},  # resized below to fit only the cheapest variant
+        {"id": "small-2", "memory_mb": 1.0, "compute": 1.0},
+        {"id": "big-1", "memory_mb": 64.0, "compute": 2.0},
+        {"id": "big-2", "memory_mb": 64.0, "compute": 2.0},
+    ]}
+    cfg["federated"] = {"rounds": 2, "local_epochs": 1, "lr": 0.02, "batch_size": 32,
+                        "partition": {"kind": "dirichlet", "alpha": 1.0, "seed": 0}}
+    return cfg
+
+
+def flower_processes() -> set[int]:
+    """Our Flower and broker processes still alive (SuperLink, SuperNodes, their superexec/app children)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in cmd for name in ("flower-superlink", "flower-supernode", "flower-superexec",
+                                        "flwr-serverapp", "flwr-clientapp", "rumqttd", "iotcore")):
+            found.add(int(proc.name))
+    return found
+
+
+def wait_gone(before: set[int], timeout: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = flower_processes() - before
+        if not left:
+            return left
+        time.sleep(0.5)
+    return flower_processes() - before
+
+
+def run_demo(config: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", "demo", "--config", str(config), "--out", str(out),
+                             "--http-port", "0", "--broker-port", "0", "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Build the catalog once (to size the small devices to its cheapest variant), then run the demo."""
+    from shared.build import build_catalog
+    from shared.config import config_from_dict
+
+    from server.demo import config_digest
+
+    root = tmp_path_factory.mktemp("demo")
+    cfg = demo_config(root)
+    base = root / "out" / "catalog-base"  # where the demo keeps its catalog; it reuses one built from its config
+    probe = build_catalog(config_from_dict(cfg, "probe"), base, progress=False, log=lambda m: None).catalog
+    needs = sorted((v.memory_bytes + v.finetune_memory_bytes) * 1.2 / 2**20 for v in probe.variants)
+    small = needs[0] + 0.25 * (needs[1] - needs[0]) if len(needs) > 1 else needs[0] * 1.01
+    for dev in cfg["fleet"]["devices"][:2]:
+        dev["memory_mb"] = round(small, 4)
+    config = root / "demo.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (base / ".config-digest").write_text(config_digest(config))  # the fleet section does not change the catalog
+    before = flower_processes()
+    proc = run_demo(config, root / "out")
+    out, err = proc.communicate(timeout=900)
+    return {"code": proc.returncode, "stdout": out, "stderr": err, "root": root, "config": config,
+            "cfg": cfg, "before": before}
+
+
+def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
+    assert demo_run["code"] == 0, demo_run["stderr"][-3000:]
+    table = demo_run["stdout"]
+    for dev in demo_run["cfg"]["fleet"]["devices"]:
+        assert dev["id"] in table
+    assert "acc after FL" in table and "acc delivered" in table
+
+
+def test_every_device_got_the_best_variant_within_its_budget(demo_run):
+    report = json.loads((demo_run["root"] / "out" / "demo.json").read_text())
+    delivered = Catalog.load(demo_run["root"] / "out" / "catalog-base")  # what the coordinator assigned from
+    margin = demo_run["cfg"]["fleet"]["memory_margin"]
+    assert len(report["devices"]) == 4
+    for row in report["devices"]:
+        assert row["variant"], f"{row['device']} got no variant"
+        rec = delivered.get(row["variant"])
+        assert (rec.memory_bytes + rec.finetune_memory_bytes) * (1 + margin) <= row["memory_mb"] * 2**20
+        assert_assignment_ok(delivered, Profile(row["memory_mb"], row["compute"]), row["variant"], margin)
+    small = {r["variant"] for r in report["devices"] if r["device"].startswith("small")}
+    cheapest = min(delivered.variants, key=lambda v: v.memory_bytes + v.finetune_memory_bytes)
+    assert small == {cheapest.id}  # sized so that only the cheapest variant fits
+
+
+def test_accuracy_after_federated_rounds_is_at_least_as_delivered(demo_run):
+    report = json.loads((demo_run["root"] / "out" / "demo.json").read_text())
+    for row in report["devices"]:
+        assert row["accuracy_after"] >= row["accuracy_delivered"], row
+        assert row["version_now"] >= row["version_delivered"]
+    rounds = {(r["round"], r["variant_id"]) for r in report["rounds"]}
+    assert {rnd for rnd, _ in rounds} == {1, 2}
+
+
+def test_plots_are_written(demo_run):
+    for name in ("cka.png", "frontier.png", "rounds.png"):
+        path = demo_run["root"] / "out" / name
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_process_is_left_running(demo_run):
+    assert wait_gone(demo_run["before"]) == set()
+
+
+def test_ctrl_c_stops_every_process(demo_run):
+    """A second run reuses the catalog; interrupt it once the devices are enrolling."""
+    before = flower_processes()
+    proc = run_demo(demo_run["config"], demo_run["root"] / "out")
+    seen = ""
+    deadline = time.monotonic() + 300
+    while "enrolling" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stderr.readline()
+    assert "reusing the catalog" in seen
+    time.sleep(3)  # let SuperNodes start
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert wait_gone(before) == set()
