@@ -221,9 +221,11 @@ class SuperNodeManager:
     restart it when it is re-assigned to another variant (a new version of the same variant needs nothing: the
     ClientApp reads the installed variant on every message). Use `on_installed` as the agent's hook."""
 
-    def __init__(self, superlink: str, data, partition, device_ids: list[str], **supernode_options):
+    def __init__(self, superlink: str, data, partition, partition_of: dict[str, int], num_partitions: int,
+                 **supernode_options):
+        """`partition_of[device id]` is the device's share of the dataset, out of `num_partitions`."""
         self.superlink, self.data, self.partition = superlink, data, partition
-        self.partition_of = {d: i for i, d in enumerate(device_ids)}  # device i owns partition i of n
+        self.partition_of, self.num_partitions = partition_of, num_partitions
         self.options = supernode_options
         self.nodes: dict[str, tuple[str, SuperNode]] = {}  # device id -> (variant id, its SuperNode)
         self.lock = threading.Lock()
@@ -237,7 +239,7 @@ class SuperNodeManager:
             known = self.nodes.get(device_dir.name)
             if known is not None and known[0] == variant:
                 return
-            node_data = NodeData(device_dir, self.data, self.partition_of[device_dir.name], len(self.partition_of),
+            node_data = NodeData(device_dir, self.data, self.partition_of[device_dir.name], self.num_partitions,
                                  self.partition)
             node = known[1].restart(node_data) if known else \
                 SuperNode(node_data, self.superlink, **self.options).start(wait=False)

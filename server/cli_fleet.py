@@ -48,6 +48,9 @@ def add_parser(subparsers) -> None:
                             "(restarted when the device is re-assigned to another variant)")
         p.add_argument("--superlink-ca", help="CA certificate of a TLS SuperLink (default: plain HTTP, --insecure)")
         p.add_argument("--supernode-key", help="the device's private key when the SuperLink authenticates SuperNodes")
+    d.add_argument("--data-partition", default="0/1", metavar="K/N",
+                   help="with --superlink: train on share K of N of the config's dataset (default 0/1: all of it, "
+                        "a device's own data)")
 
     a = subparsers.add_parser("acl", help="write a Mosquitto password file, ACL and config for the fleet",
                               description="Per-device credentials: each device may only use its own topics.")
@@ -104,14 +107,25 @@ def _coordinator(fleet, args) -> int:
     return 0
 
 
-def _supernodes(cfg, args, device_ids: list[str]):
+def _supernodes(cfg, args, partition_of: dict[str, int], num_partitions: int):
     """With --superlink: the hook that gives every installed device its SuperNode (else None)."""
     if not getattr(args, "superlink", None):
         return None
     from client.supernode import SuperNodeManager
 
-    return SuperNodeManager(args.superlink, cfg.data, cfg.federated.partition, device_ids,
+    return SuperNodeManager(args.superlink, cfg.data, cfg.federated.partition, partition_of, num_partitions,
                             root_certificates=args.superlink_ca, auth_private_key=args.supernode_key)
+
+
+def _partition(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+        if 0 <= k < n:
+            return k, n
+    except ValueError:
+        pass
+    raise ConfigError(f"--data-partition {text!r} is not K/N with 0 <= K < N", "e.g. 0/3 for the first of three")
 
 
 def _device(cfg, args) -> int:
@@ -130,8 +144,9 @@ def _device(cfg, args) -> int:
     print(f"{args.id}: memory {profile.memory_mb:g} MiB, compute {profile.compute:g}, "
           f"latency target {profile.latency_ms or 'none'}", flush=True)
     folder = Path(args.dir or Path(fleet.device_root) / args.id)
-    # A real device owns its data: partition 0 of 1 of the config's dataset (data.root on this device).
-    nodes = _supernodes(cfg, args, [folder.name])
+    # A real device owns its data (partition 0/1 of data.root here); a simulated one takes its share K/N.
+    k, n = _partition(args.data_partition)
+    nodes = _supernodes(cfg, args, {folder.name: k}, n)
 
     def installed(d: Path) -> None:
         print(f"installed into {d}", flush=True)
@@ -161,7 +176,8 @@ def _devices(cfg, args) -> int:
     from client.fleet_sim import start_fleet
 
     fleet = cfg.fleet
-    nodes = _supernodes(cfg, args, [d.id for d in fleet.devices])  # simulated device i owns partition i of n
+    ids = [d.id for d in fleet.devices]
+    nodes = _supernodes(cfg, args, {d: i for i, d in enumerate(ids)}, len(ids))  # device i owns partition i of n
     agents = start_fleet(fleet, args.root, args.only.split(",") if args.only else None,
                          on_installed=nodes.on_installed if nodes else None)
     print(f"simulating {len(agents)} devices", flush=True)

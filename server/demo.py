@@ -101,7 +101,8 @@ def run(args) -> int:
         link = SuperLink(run_dir / "flower", port=free_port()).start()
         stack.callback(link.stop)
         say(f"Flower SuperLink up on {link.address}")
-        nodes = SuperNodeManager(link.address, cfg.data, cfg.federated.partition, device_ids)
+        nodes = SuperNodeManager(link.address, cfg.data, cfg.federated.partition,
+                                 {d: i for i, d in enumerate(device_ids)}, len(device_ids))
         stack.callback(nodes.stop)
         agents = start_fleet(fleet, run_dir / "devices", on_installed=nodes.on_installed)
         stack.callback(lambda: [a.stop() for a in agents])
