@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def plot_rounds(history: dict[str, list[float]], path: Path, title: str = "") ->
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for vid, accs in sorted(history.items()):
         ax.plot(range(len(accs)), [100 * a for a in accs], "o-", label=vid)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("federated round (0 = as delivered)")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
