@@ -2,8 +2,7 @@
 
 Minibatch CKA (Nguyen et al. 2021): over calibration batches k,
     CKA(a, b) = sum_k HSIC_u(K_ak, L_bk) / sqrt(sum_k HSIC_u(K_ak, K_ak) * sum_k HSIC_u(L_bk, L_bk))
-with the unbiased HSIC estimator, so the result does not depend on how the data is split into batches
-beyond the estimator itself. Each block's Gram matrix is computed once per batch (not once per pair)
+with the unbiased HSIC estimator. Each block's Gram matrix is computed once per batch (not once per pair)
 and all cross terms come from one matrix product. Values are never clamped: the unbiased estimator can
 give (small) negative CKA, and undefined entries are NaN with a reason in `undefined_reasons()`.
 """
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from shared.hsic import gram_linear, hsic_u_cross, hsic_u_self, u_center
+
 
 class CKAAccumulator:
     """Accumulates, in float64, the HSIC_u terms of all (a, b) block pairs over repeated `update()` calls."""
@@ -42,7 +42,9 @@ class CKAAccumulator:
             )
         sizes = {int(f.shape[0]) for f in (*feats_a, *feats_b)}
         if len(sizes) != 1:
-            raise ValueError(f"all features of one minibatch must have the same number of examples, got {sorted(sizes)}")
+            raise ValueError(
+                f"all features of one minibatch must have the same number of examples, got {sorted(sizes)}"
+            )
         n = sizes.pop()
         if n <= 3:
             self.skipped_batches += 1

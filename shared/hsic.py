@@ -2,13 +2,17 @@
 
 U-centering (Székely & Rizzo 2014) zeroes the diagonal and removes row/column means so that
 <U(K), U(L)> / (n (n - 3)) is exactly the unbiased HSIC estimator of Song et al. (2012).
-Every function accepts a single (n, n) matrix or a stack (..., n, n) and needs n > 3.
+The functions on Gram matrices take a stack (p, n, n) (`u_center` and `hsic_unbiased` also a single
+(n, n) matrix) and need n > 3.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+# Features per chunk in `gram_linear` (8 MB of float32): the fastest of 1M-8M measured on the reference CPU.
+_CHUNK_ELEMENTS = 2**21
 
 
 def _check_n(n: int) -> None:
@@ -22,16 +26,31 @@ def gram_linear(x: torch.Tensor | np.ndarray) -> np.ndarray:
     Centering (subtracting one vector from every example's features) changes X Xᵀ only by terms
     a_i + a_j + c, which U-centering removes exactly, so every HSIC_u value is unchanged. It matters
     numerically: activations share a large common component (e.g. after ReLU) that would otherwise
-    cancel catastrophically, so the product can run in float32 (twice as fast as float64) and stay
+    cancel catastrophically, so the products can run in float32 (twice as fast as float64) and stay
     within 1e-6 of float64. Float64 input stays float64. The first example is subtracted before the
     mean so that features that do not vary across examples become exactly zero.
+
+    Work goes by column chunks of about 8 MB: a chunk stays in cache from centering to product, and wide
+    features (d ~ 200k) need no full centred copy.
     """
     x = torch.as_tensor(x).detach().cpu()
     x = x.reshape(x.shape[0], -1)
     x = x if x.dtype == torch.float64 else x.float()
-    centred = x - x[0]
-    centred -= centred.mean(dim=0)
-    return (centred @ centred.T).double().numpy()
+    n, d = x.shape
+    step = max(1, _CHUNK_ELEMENTS // n)
+    half = n // 2
+    # The Gram matrix is symmetric: top rows against all, bottom rows against themselves (3/4 of the work).
+    top = torch.zeros(half, n, dtype=torch.float64)
+    bottom = torch.zeros(n - half, n - half, dtype=torch.float64)
+    buf = torch.empty(n, min(d, step), dtype=x.dtype)
+    for start in range(0, d, step):
+        stop = min(start + step, d)
+        chunk = buf[:, : stop - start]
+        torch.sub(x[:, start:stop], x[0, start:stop], out=chunk)
+        chunk -= chunk.mean(dim=0)
+        top += chunk[:half] @ chunk.T  # each product in the input's precision, their sum in float64
+        bottom += chunk[half:] @ chunk[half:].T
+    return torch.cat([top, torch.cat([top[:, half:].T, bottom], dim=1)]).numpy()
 
 
 def u_center(gram: np.ndarray) -> np.ndarray:
