@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 
 from shared.errors import RestnetError
@@ -46,18 +47,22 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def config_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def config_digest(cfg) -> str:
+    """What the catalog depends on (models, data, catalog settings): editing the fleet or the federated
+    settings does not rebuild it."""
+    parts = {k: asdict(getattr(cfg, k)) for k in ("large", "small", "data", "catalog")}
+    parts["num_classes"] = cfg.num_classes
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_catalog(cfg, config_path: Path, base: Path, rebuild: bool, progress: bool) -> None:
-    """Build the catalog into `base` unless one built from the same config is already there."""
+def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool) -> None:
+    """Build the catalog into `base` unless one built from the same settings is already there."""
     from shared.build import build_catalog
 
     stamp = base / ".config-digest"
-    digest = config_digest(config_path)
+    digest = config_digest(cfg)
     if not rebuild and stamp.is_file() and stamp.read_text() == digest and (base / "catalog.json").is_file():
-        say(f"reusing the catalog in {base} (built from the same config; --rebuild to build again)")
+        say(f"reusing the catalog in {base} (built from the same settings; --rebuild to build again)")
         return
     shutil.rmtree(base, ignore_errors=True)
     say("building the catalog: training two base models and stitching them (a few minutes on 2 cores)")
@@ -80,7 +85,7 @@ def run(args) -> int:
     out = Path(args.out)
     run_dir = out / "run"
     started = time.monotonic()
-    ensure_catalog(cfg, config_path, out / "catalog-base", args.rebuild, not args.quiet)
+    ensure_catalog(cfg, out / "catalog-base", args.rebuild, not args.quiet)
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(out / "catalog-base", run_dir / "catalog")
     catalog = Catalog.load(run_dir / "catalog")

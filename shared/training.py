@@ -36,7 +36,7 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256, fo
 
 
 @torch.no_grad()
-def cache_front_outputs(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) -> TensorDataset:
+def cache_front_outputs(model: nn.Module, dataset: TensorDataset, batch_size: int = 64) -> TensorDataset:
     """Run the frozen front blocks once over a dataset: (front output, label) pairs."""
     model.front.eval()
     outs, labels = [], []

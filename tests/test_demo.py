@@ -84,7 +84,7 @@ def demo_run(tmp_path_factory):
         dev["memory_mb"] = round(small, 4)
     config = root / "demo.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    (base / ".config-digest").write_text(config_digest(config))  # the fleet section does not change the catalog
+    (base / ".config-digest").write_text(config_digest(config_from_dict(cfg)))  # the fleet part is not hashed
     before = flower_processes()
     proc = run_demo(config, root / "out")
     out, err = proc.communicate(timeout=900)
@@ -148,3 +148,16 @@ def test_ctrl_c_stops_every_process(demo_run):
     proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert wait_gone(before) == set()
+
+
+def test_the_catalog_is_rebuilt_only_when_its_own_settings_change():
+    from server.demo import config_digest
+    from shared.config import config_from_dict
+
+    cfg = demo_config(Path("."))
+    base = config_digest(config_from_dict(cfg))
+    cfg["fleet"]["devices"][0]["memory_mb"] = 99.0
+    cfg["federated"]["rounds"] = 7
+    assert config_digest(config_from_dict(cfg)) == base
+    cfg["catalog"]["sweep"] = 4
+    assert config_digest(config_from_dict(cfg)) != base
