@@ -40,7 +40,7 @@ def plot_frontier(variants: list[dict], bases: list[dict], path: Path, highlight
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     vs = sorted(variants, key=lambda v: v["params"])
     xs = [v["params"] / 1e6 for v in vs]
-    ax.plot(xs, [100 * (v.get("accuracy") or 0) for v in vs], "o-", color="tab:blue", label="stitched (fine-tuned)")
+    ax.plot(xs, [100 * (v.get("accuracy") or 0) for v in vs], "o-", color="tab:blue", label="stitched (current version)")
     if any(v.get("accuracy_init") is not None for v in vs):
         ax.plot(xs, [100 * (v.get("accuracy_init") or 0) for v in vs], "o--", color="tab:gray", alpha=0.6,
                 label="stitched (least-squares init only)")
