@@ -25,11 +25,11 @@ def _catalog_table(catalog) -> str:
 def write_catalog_plots(catalog, out: Path, highlight: set[str] = frozenset()) -> list[Path]:
     from dataclasses import asdict
 
+    import numpy as np
+
     from shared.plots import plot_cka, plot_frontier
 
     cka = catalog.load_cka()
-    import numpy as np
-
     matrix = np.array([[np.nan if v is None else v for v in row] for row in cka["matrix"]], dtype=float)
     chosen = [(v.front_cut - 1, v.behind_cut - 1) for v in catalog.variants]
     return [
