@@ -5,9 +5,11 @@
         [--devices 8] [--alpha 0.5] [--rounds 10] [--local-epochs 1] [--lr 0.05] [--variants ID ...]
         [--updates 1000] [--stitch-channels 256] [--pairs fleet_configs/cifar10-vgg19-vgg11.yaml ...] [--quick]
 
-1. Upload per client per round: the ArrayRecord a ClientApp returns (the stitch tensors, `count_bytes`) against
-   the ArrayRecord of the whole stitched model, for every variant of the catalog; and, for the paper-scale model
-   pairs of `--pairs` (random weights: only shapes matter), over every stitchable cut pair (a, b).
+1. Upload per client per round: the ArrayRecord a ClientApp returns (the change to the stitch tensors in
+   float16, `count_bytes`) against the ArrayRecord of the whole stitched model (float32, as stored), for every
+   variant of the catalog; and, for the paper-scale model pairs of `--pairs` (random weights: only shapes
+   matter), over every stitchable cut pair (a, b). The parameter ratio is printed beside the byte ratio: float16
+   accounts for a factor of 2 of the latter.
 2. Server-side time for `--updates` updates of one variant: reading them from ArrayRecords (as the ServerApp
    does), validating each, and combining with fedavg / trimmed_mean / median; for the catalog's largest stitch
    and for a `--stitch-channels`^2 1x1-conv stitch.
@@ -43,6 +45,7 @@ from shared.catalog import Catalog
 from shared.config import PartitionConfig, load_config
 from shared.datasets import load_splits
 from shared.training import evaluate, finetune_stitch
+from shared.updates import WIRE_DTYPE, encode_delta
 
 
 def ensure_catalog(config: str, root: Path) -> Catalog:
@@ -59,12 +62,18 @@ def ensure_catalog(config: str, root: Path) -> Catalog:
 
 def upload_bytes(catalog: Catalog) -> None:
     print("\n## 1. Upload per client per round: stitch tensors vs the whole stitched model (ArrayRecord bytes)")
-    print(f"{'variant':34} {'params':>10} {'stitch':>8} {'upload B':>10} {'model B':>11} {'ratio':>8}")
+    print(f"{'variant':34} {'params':>10} {'stitch':>8} {'params ratio':>13} {'upload B':>10} {'model B':>11} "
+          f"{'bytes ratio':>12}")
+    ratios = []
     for rec in sorted(catalog.variants, key=lambda v: v.params):
         model = load_variant(catalog.manifest(rec.id), catalog.store)
-        up = ArrayRecord(model.stitch_state()).count_bytes()
+        stitch = model.stitch_state()
+        up = ArrayRecord(encode_delta(stitch, stitch)).count_bytes()
         whole = ArrayRecord({k: v for k, v in model.state_dict().items()}).count_bytes()
-        print(f"{rec.id:34} {rec.params:>10,} {rec.trainable_params:>8,} {up:>10,} {whole:>11,} {whole / up:>7.0f}x")
+        ratios.append(whole / up)
+        print(f"{rec.id:34} {rec.params:>10,} {rec.trainable_params:>8,} {rec.params / rec.trainable_params:>12.0f}x "
+              f"{up:>10,} {whole:>11,} {whole / up:>11.0f}x")
+    print(f"bytes ratio: min {min(ratios):.0f}x, median {statistics.median(ratios):.0f}x (target: at least 100x)")
 
 
 def pair_ratios(config: str) -> None:
@@ -78,7 +87,7 @@ def pair_ratios(config: str) -> None:
     behind = split_model(create_model(cfg.small.name, cfg.small.kwargs), cfg.small.name)
     fs, bs = activation_specs(front, cfg.input_shape), activation_specs(behind, cfg.input_shape)
     fp, bp = block_param_counts(front), block_param_counts(behind)
-    ratios, budget_ratios = [], []
+    ratios = []
     budgets = sorted(cfg.catalog.budgets)
     for a in range(len(fs) - 1):
         for b in range(len(bs) - 1):
@@ -90,18 +99,19 @@ def pair_ratios(config: str) -> None:
             ratios.append((total / stitch, a, b, stitch, total))
     ratios.sort()
     q = [ratios[int(f * (len(ratios) - 1))] for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    print(f"\n{cfg.large.name} -> {cfg.small.name} ({len(ratios)} cut pairs): whole/stitch ratio "
+    print(f"\n{cfg.large.name} -> {cfg.small.name} ({len(ratios)} cut pairs): whole/stitch parameter ratio "
           + ", ".join(f"{name} {r[0]:.0f}x" for name, r in zip(("min", "p25", "median", "p75", "max"), q)))
     worst = ratios[0]
     print(f"  worst: front[:{worst[1] + 1}] -> behind[{worst[2] + 1}:], stitch {worst[3]:,} of {worst[4]:,} params; "
-          f"pairs under 100x: {sum(r[0] < 100 for r in ratios)}")
+          f"pairs under 100x: {sum(r[0] < 100 for r in ratios)} in parameters, {sum(2 * r[0] < 100 for r in ratios)} in "
+          f"bytes (float16 change vs float32 model)")
     # The pairs a budget sweep would pick from: variants within the config's budget range.
     if budgets:
         within = [r for r in ratios if budgets[0] * 0.9 <= r[4] <= budgets[-1] * 1.1]
         if within:
             print(f"  within the config's budgets ({budgets[0] / 1e6:.1f}M..{budgets[-1] / 1e6:.1f}M params, "
-                  f"{len(within)} pairs): min {within[0][0]:.0f}x, median {within[len(within) // 2][0]:.0f}x")
-    budget_ratios.append(q)
+                  f"{len(within)} pairs): parameter ratio min {within[0][0]:.0f}x, median "
+                  f"{within[len(within) // 2][0]:.0f}x; bytes ratio twice that")
 
 
 # ---------------------------------------------------------------- 2. aggregation time
@@ -109,14 +119,14 @@ def pair_ratios(config: str) -> None:
 
 def aggregation_time(current: dict[str, torch.Tensor], n: int, label: str) -> None:
     g = torch.Generator().manual_seed(0)
-    records = [ArrayRecord({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in current.items()})
+    records = [ArrayRecord({k: (0.01 * torch.randn(v.shape, generator=g)).to(WIRE_DTYPE) for k, v in current.items()})
                for _ in range(n)]
     params = sum(v.numel() for v in current.values())
     t = time.perf_counter()
     updates = [Update(i, "v", {k: torch.from_numpy(a.numpy()) for k, a in r.items()}, 100 + i % 50)
                for i, r in enumerate(records)]
     read = time.perf_counter() - t
-    print(f"{label}: {params:,} params/update, {n} updates ({n * params * 4 / 1e6:.0f} MB): "
+    print(f"{label}: {params:,} params/update, {n} updates ({n * params * 2 / 1e6:.0f} MB): "
           f"read from ArrayRecords {read:.2f}s", end="")
     for method in ("fedavg", "trimmed_mean", "median"):
         t = time.perf_counter()
@@ -168,8 +178,8 @@ def federated_vs_central(catalog: Catalog, cfg, variant_id: str, args, work: Pat
         req = TrainRequest(variant_id, 1, rnd, args.local_epochs, args.lr, args.batch_size)
         updates = []
         for node in nodes:
-            state, metrics = local_update(node, req, {k: v.numpy() for k, v in current.items()})
-            updates.append(Update(node.partition_id, variant_id, state, metrics["num-examples"]))
+            delta, metrics = local_update(node, req, {k: v.numpy() for k, v in current.items()})
+            updates.append(Update(node.partition_id, variant_id, delta, metrics["num-examples"]))
         current = aggregate_variant(variant_id, current, updates, "fedavg").state
     model.load_stitch_state(current)
     fed = evaluate(model, val)

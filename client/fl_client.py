@@ -6,7 +6,7 @@ The node config (written by `client.supernode`) says where the device keeps its 
 - query: answer with the installed variant id and version (cheap: no torch, no model).
 - train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
   train only the stitching layer on the local partition with the frozen front's outputs computed once, and
-  return only the stitching weights, the example count and metrics. Every training request is appended to
+  return only the change to the stitching weights (float16, `shared.updates`), the example count and metrics. Every training request is appended to
   `<device-dir>/fl_history.jsonl` (what was received, what was sent back).
 
 Flower starts one ClientApp process per message, so nothing is kept in memory between rounds.
@@ -54,12 +54,13 @@ class TrainRequest:
 
 def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 0) -> tuple[dict, dict]:
     """Train the installed variant's stitching layer from the received `arrays` (numpy, as they arrive);
-    returns (new stitch state as tensors, metrics)."""
+    returns (the change to send back, as float16 tensors; metrics)."""
     # Imported here, not at the top: torch costs seconds and a query never needs it.
     import torch
 
     from shared.artifacts import BlobStore, Manifest, load_variant, sha256_bytes, tensors_to_bytes
     from shared.training import finetune_stitch
+    from shared.updates import encode_delta
 
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
@@ -72,15 +73,15 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     data = node.load_train_partition()
     stats = finetune_stitch(model, data, req.epochs, req.lr, req.batch_size,
                             seed=1000 * req.round + node.partition_id)
-    new_state = model.stitch_state()
+    delta = encode_delta(state, model.stitch_state())
     metrics = {"num-examples": len(data), "train-loss": float(stats["loss"]), "train-seconds": float(stats["seconds"])}
     entry = {"time": time.time(), "run_id": str(run_id), "round": req.round, "variant_id": manifest.variant_id,
              "installed_version": manifest.version, "server_version": req.version,
              "received_sha256": sha256_bytes(tensors_to_bytes(state)),
-             "sent_sha256": sha256_bytes(tensors_to_bytes(new_state)), **metrics}
+             "sent_sha256": sha256_bytes(tensors_to_bytes(delta)), **metrics}
     with open(node.device_dir / HISTORY, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
-    return new_state, metrics
+    return delta, metrics
 
 
 app = ClientApp()
@@ -97,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     node = NodeData.from_node_config(context.node_config)
     req = TrainRequest.from_record(msg.content.config_records["config"])
     arrays = {k: a.numpy() for k, a in msg.content.array_records["stitch"].items()}
-    new_state, metrics = local_update(node, req, arrays, context.run_id)
-    content = RecordDict({"stitch": ArrayRecord(new_state), "metrics": MetricRecord(metrics),
+    delta, metrics = local_update(node, req, arrays, context.run_id)
+    content = RecordDict({"stitch-delta": ArrayRecord(delta), "metrics": MetricRecord(metrics),
                           "variant": ConfigRecord({"variant-id": req.variant_id})})
     return Message(content, reply_to=msg)

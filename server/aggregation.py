@@ -1,9 +1,11 @@
 """Checking and averaging stitching-layer updates, one variant at a time. No Flower in here.
 
-Every update is checked against the variant's current stitching weights before it may count: the right variant,
-the same keys, dtypes and shapes, only finite values, and a change no larger than `norm_bound` times the norm of
-the current weights. A rejected update is counted under its reason and otherwise ignored, so the aggregate
-equals the one computed from the honest updates alone.
+An update is a node's change to the variant's current stitching weights, in float16 (`shared.updates`). Every
+update is checked against the current weights before it may count: the right variant, the same keys and shapes,
+the wire dtype, only finite values, and a change no larger than `norm_bound` times the norm of the current
+weights. A rejected update is counted under its reason and otherwise ignored, so the aggregate equals the one
+computed from the honest updates alone. The accepted changes are combined (FedAvg, trimmed mean or median, all
+of which commute with adding the current weights) and added to the current weights.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from shared.updates import WIRE_DTYPE, apply_delta
 
 METHODS = ("fedavg", "trimmed_mean", "median")
 # Every reason an update can be refused for ("malformed" is decided while reading a reply).
@@ -20,11 +24,12 @@ REASONS = ("malformed", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_sha
 
 @dataclass
 class Update:
-    """One node's answer to a training request: its stitching weights and how many examples produced them."""
+    """One node's answer to a training request: its change to the stitching weights and how many examples
+    produced it."""
 
     node_id: int
     variant_id: str
-    state: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict = field(default_factory=dict)
     num_bytes: int = 0  # size on the wire, for accounting
@@ -52,84 +57,85 @@ def validate_update(update: Update, variant_id: str, current: dict[str, torch.Te
     """The reason to reject `update`, or None when it may be aggregated."""
     if update.variant_id != variant_id:
         return "wrong_variant"
-    if set(update.state) != set(current):
+    if set(update.delta) != set(current):
         return "wrong_keys"
     if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples < 1:
         return "bad_examples"
     for key, ref in current.items():
-        value = update.state[key]
-        if not isinstance(value, torch.Tensor) or value.dtype != ref.dtype:
+        value = update.delta[key]
+        if not isinstance(value, torch.Tensor) or value.dtype != WIRE_DTYPE:
             return "wrong_dtype"
         if value.shape != ref.shape:
             return "wrong_shape"
-    values = [update.state[k] for k in current]
+    values = [update.delta[k] for k in current]
     if any(torch.isnan(v).any() for v in values):
         return "nan"
     if any(torch.isinf(v).any() for v in values):
         return "inf"
     # Relative bound: scale-free across variants. All-zero weights have no scale, so the bound becomes absolute.
     reference = _norm(current.values()) or 1.0
-    if _norm(update.state[k] - current[k] for k in current) > norm_bound * reference:
+    if _norm(values) > norm_bound * reference:
         return "norm"
     return None
 
 
-def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def fedavg(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted mean (FedAvg: weights are example counts), accumulated in float64 one update at a time."""
     total = float(sum(weights))
     out = {}
-    for key, ref in states[0].items():
+    for key, ref in deltas[0].items():
         acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for state, w in zip(states, weights):
-            acc.add_(state[key].double(), alpha=w / total)
-        out[key] = acc.to(ref.dtype)
+        for delta, w in zip(deltas, weights):
+            acc.add_(delta[key].double(), alpha=w / total)
+        out[key] = acc
     return out
 
 
-def _by_coordinate(states: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
-    """[coordinates, updates]: each coordinate's values side by side in memory (reductions over them run 2-3x
-    faster than over the first dimension of a plain stack)."""
-    return torch.stack([s[key].reshape(-1) for s in states], dim=1)
+def _by_coordinate(deltas: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    """[coordinates, updates] in float32 (exact for float16 input): each coordinate's values side by side in memory
+    (reductions over them run 2-3x faster than over the first dimension of a plain stack)."""
+    return torch.stack([d[key].reshape(-1).float() for d in deltas], dim=1)
 
 
-def trimmed_mean(states: list[dict[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
+def trimmed_mean(deltas: list[dict[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
     """Coordinate-wise mean after dropping the `trim_fraction` largest and smallest values (unweighted).
 
     Computed as (sum - k largest - k smallest) / (n - 2k): two top-k selections cost less than a full sort."""
     if not 0.0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-    n = len(states)
+    n = len(deltas)
     k = int(trim_fraction * n)
     out = {}
-    for key, ref in states[0].items():
-        values = _by_coordinate(states, key)
+    for key, ref in deltas[0].items():
+        values = _by_coordinate(deltas, key)
         total = values.double().sum(dim=1)
         if k:
             total -= torch.topk(values, k, dim=1).values.double().sum(dim=1)
             total -= torch.topk(values, k, dim=1, largest=False).values.double().sum(dim=1)
-        out[key] = (total / (n - 2 * k)).to(ref.dtype).reshape(ref.shape)
+        out[key] = (total / (n - 2 * k)).reshape(ref.shape)
     return out
 
 
-def median(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def median(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Coordinate-wise median (the mean of the two middle values when the count is even)."""
     out = {}
-    for key, ref in states[0].items():
-        values = _by_coordinate(states, key)
+    for key, ref in deltas[0].items():
+        values = _by_coordinate(deltas, key)
         lower = values.median(dim=1).values  # torch picks the lower middle value of an even count
         upper = -(-values).median(dim=1).values
-        out[key] = ((lower.double() + upper.double()) / 2).to(ref.dtype).reshape(ref.shape)
+        out[key] = ((lower.double() + upper.double()) / 2).reshape(ref.shape)
     return out
 
 
-def combine(states: list[dict[str, torch.Tensor]], weights: list[float], method: str,
+def combine(deltas: list[dict[str, torch.Tensor]], weights: list[float], method: str,
             trim_fraction: float = 0.2) -> dict[str, torch.Tensor]:
+    """Combine changes with `method` (one of METHODS); the result is float64."""
     if method == "fedavg":
-        return fedavg(states, weights)
+        return fedavg(deltas, weights)
     if method == "trimmed_mean":
-        return trimmed_mean(states, trim_fraction)
+        return trimmed_mean(deltas, trim_fraction)
     if method == "median":
-        return median(states)
+        return median(deltas)
     raise ValueError(f"unknown aggregation {method!r}; expected one of {METHODS}")
 
 
@@ -150,5 +156,6 @@ def aggregate_variant(variant_id: str, current: dict[str, torch.Tensor], updates
             rejected[reason] += 1
     if not accepted:
         return VariantAggregate(variant_id, {k: v.clone() for k, v in current.items()}, [], rejected)
-    state = combine([u.state for u in accepted], [float(u.num_examples) for u in accepted], method, trim_fraction)
+    change = combine([u.delta for u in accepted], [float(u.num_examples) for u in accepted], method, trim_fraction)
+    state = apply_delta(current, change)
     return VariantAggregate(variant_id, state, accepted, rejected)

@@ -1,9 +1,9 @@
 """Flower ServerApp: per-variant federated fine-tuning of stitching layers.
 
 Each round: ask new nodes which variant they run (a query message), send every node the current stitching
-weights of ITS OWN variant (only the stitch tensors travel), wait for replies up to the round timeout (a node
-that is gone or late is simply left out of this round), validate and aggregate the replies group by group
-(`server.aggregation`), and evaluate each variant on the held-out validation split. Nodes are re-discovered every
+weights of ITS OWN variant (only the stitch tensors travel; nodes answer with their float16 change to them), wait
+for replies up to the round timeout (a node that is gone or late is simply left out of this round), validate
+and aggregate the replies group by group (`server.aggregation`), and evaluate each variant on the held-out validation split. Nodes are re-discovered every
 round, so a node that comes back (with a new node id) takes part again.
 
 Results go to the coordinator's HTTP API when `coordinator-url` is set (round reports, then each variant's new
@@ -171,16 +171,16 @@ def read_update(node_id: int, reply: Message) -> Update | str:
         return "failed"
     try:
         content = reply.content
-        arrays = content.array_records["stitch"]
+        arrays = content.array_records["stitch-delta"]
         num_bytes = arrays.count_bytes()
-        state = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
+        delta = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
         metrics = dict(content.metric_records["metrics"])
         variant_id = str(content.config_records["variant"]["variant-id"])
         num_examples = metrics.pop("num-examples")
     except (KeyError, TypeError, ValueError) as exc:
         log(WARNING, "node %s sent an unreadable update: %s", node_id, exc)
         return "malformed"
-    return Update(node_id, variant_id, state, num_examples, metrics, num_bytes)
+    return Update(node_id, variant_id, delta, num_examples, metrics, num_bytes)
 
 
 # ---------------------------------------------------------------- results

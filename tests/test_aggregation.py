@@ -15,6 +15,7 @@ from server.aggregation import (
     trimmed_mean,
     validate_update,
 )
+from shared.updates import WIRE_DTYPE
 
 VARIANT = "v-a"
 
@@ -26,31 +27,35 @@ def current_state() -> dict[str, torch.Tensor]:
 
 def honest(current, seed: int, examples: int, node: int | None = None) -> Update:
     g = torch.Generator().manual_seed(seed)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in current.items()}
-    return Update(node if node is not None else seed, VARIANT, state, examples)
+    delta = {k: (0.05 * torch.randn(v.shape, generator=g)).half() for k, v in current.items()}
+    return Update(node if node is not None else seed, VARIANT, delta, examples)
+
+
+def zero_delta(current) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros(v.shape, dtype=WIRE_DTYPE) for k, v in current.items()}
 
 
 def poisoned(current) -> dict[str, Update]:
-    base = {k: v.clone() for k, v in current.items()}
+    base = zero_delta(current)
 
     def with_(key, value, **kw):
-        state = dict(base)
-        state[key] = value
-        return Update(kw.get("node", 100), kw.get("variant", VARIANT), state, kw.get("examples", 50))
+        delta = dict(base)
+        delta[key] = value
+        return Update(kw.get("node", 100), kw.get("variant", VARIANT), delta, kw.get("examples", 50))
 
     w = base["proj.weight"]
     nan, inf = w.clone(), w.clone()
     nan[0, 0, 0, 0] = float("nan")
     inf[1, 1, 0, 0] = float("-inf")
-    extra = dict(base, **{"other.weight": torch.zeros(2)})
+    extra = dict(base, **{"other.weight": torch.zeros(2, dtype=WIRE_DTYPE)})
     return {
         "nan": with_("proj.weight", nan),
         "inf": with_("proj.weight", inf),
-        "wrong_shape": with_("proj.weight", torch.zeros(8, 5, 1, 1)),
-        "wrong_dtype": with_("proj.weight", w.double()),
+        "wrong_shape": with_("proj.weight", torch.zeros(8, 5, 1, 1, dtype=WIRE_DTYPE)),
+        "wrong_dtype": with_("proj.weight", w.float()),  # float32 off the wire: not what a device sends
         "wrong_variant": Update(101, "v-b", dict(base), 50),
         "wrong_keys": Update(102, VARIANT, extra, 50),
-        "norm": Update(103, VARIANT, {k: 1000.0 * v for k, v in base.items()}, 50),
+        "norm": Update(103, VARIANT, {k: (1000.0 * v).half() for k, v in current.items()}, 50),
         "bad_examples": Update(104, VARIANT, dict(base), 0),
     }
 
@@ -69,25 +74,25 @@ def test_each_poisoned_update_is_rejected_with_its_reason(reason):
 
 def test_missing_key_is_wrong_keys():
     cur = current_state()
-    upd = Update(1, VARIANT, {"proj.weight": cur["proj.weight"]}, 5)
+    upd = Update(1, VARIANT, {"proj.weight": zero_delta(cur)["proj.weight"]}, 5)
     assert validate_update(upd, VARIANT, cur, 100.0) == "wrong_keys"
 
 
 def test_norm_bound_is_relative_to_current_weights():
     cur = current_state()
     ref = float(torch.sqrt(sum((v.double() ** 2).sum() for v in cur.values())))
-    # A change of exactly 2x the current norm: accepted under bound 3, rejected under bound 1.
-    upd = Update(1, VARIANT, {k: 3.0 * v for k, v in cur.items()}, 5)
-    delta = float(torch.sqrt(sum(((3.0 * v - v).double() ** 2).sum() for v in cur.values())))
-    assert delta == pytest.approx(2 * ref)
+    # A change of 2x the current norm: accepted under bound 3, rejected under bound 1.
+    upd = Update(1, VARIANT, {k: (2.0 * v).half() for k, v in cur.items()}, 5)
+    change = float(torch.sqrt(sum((d.double() ** 2).sum() for d in upd.delta.values())))
+    assert change == pytest.approx(2 * ref, rel=1e-3)
     assert validate_update(upd, VARIANT, cur, norm_bound=3.0) is None
     assert validate_update(upd, VARIANT, cur, norm_bound=1.0) == "norm"
 
 
 def test_all_zero_current_weights_use_an_absolute_bound():
     cur = {k: torch.zeros_like(v) for k, v in current_state().items()}
-    small = Update(1, VARIANT, {k: torch.full_like(v, 0.01) for k, v in cur.items()}, 5)
-    huge = Update(2, VARIANT, {k: torch.full_like(v, 1e3) for k, v in cur.items()}, 5)
+    small = Update(1, VARIANT, {k: torch.full(v.shape, 0.01, dtype=WIRE_DTYPE) for k, v in cur.items()}, 5)
+    huge = Update(2, VARIANT, {k: torch.full(v.shape, 1e3, dtype=WIRE_DTYPE) for k, v in cur.items()}, 5)
     assert validate_update(small, VARIANT, cur, 10.0) is None
     assert validate_update(huge, VARIANT, cur, 10.0) == "norm"
 
@@ -96,14 +101,13 @@ def test_fedavg_weights_by_examples():
     a = {"w": torch.tensor([0.0, 2.0])}
     b = {"w": torch.tensor([4.0, 6.0])}
     out = fedavg([a, b], [1.0, 3.0])
-    assert torch.allclose(out["w"], torch.tensor([3.0, 5.0]))
-    assert out["w"].dtype == torch.float32
+    assert torch.equal(out["w"], torch.tensor([3.0, 5.0], dtype=torch.float64))  # accumulated and kept in float64
 
 
 def test_trimmed_mean_drops_extremes_per_coordinate():
     states = [{"w": torch.tensor([v, -v])} for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
     out = trimmed_mean(states, trim_fraction=0.2)  # drops one from each end
-    assert torch.allclose(out["w"], torch.tensor([3.0, -3.0]))
+    assert torch.allclose(out["w"], torch.tensor([3.0, -3.0], dtype=torch.float64))
     with pytest.raises(ValueError):
         trimmed_mean(states, 0.5)
 
@@ -149,8 +153,19 @@ def test_fedavg_aggregate_matches_the_weighted_mean_of_honest_updates():
     good = [honest(cur, s, examples=e) for s, e in ((1, 10), (2, 30), (3, 60))]
     out = aggregate_variant(VARIANT, cur, good, "fedavg").state
     for key in cur:
-        expected = sum(u.state[key].double() * u.num_examples for u in good) / 100.0
+        expected = cur[key].double() + sum(u.delta[key].double() * u.num_examples for u in good) / 100.0
+        assert out[key].dtype == cur[key].dtype  # back in the dtype of the current weights
         assert torch.allclose(out[key].double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median"])
+def test_robust_aggregates_shift_the_current_weights_by_the_robust_change(method):
+    cur = current_state()
+    good = [honest(cur, s, examples=10) for s in range(1, 6)]
+    out = aggregate_variant(VARIANT, cur, good, method).state
+    change = combine([u.delta for u in good], [1.0] * 5, method)
+    for key in cur:
+        assert torch.allclose(out[key].double(), cur[key].double() + change[key], atol=1e-6)
 
 
 def test_no_accepted_update_keeps_current_weights_and_earlier_counts():
@@ -198,26 +213,29 @@ def _device_handler(node_id, node_data):
 
 
 def _poisoner(kind, honest_handler, other_variant):
-    """A node that answers queries honestly, then returns a poisoned version of the weights it was sent."""
+    """A node that answers queries honestly, then returns a poisoned change to the weights it was sent."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
     def handle(msg):
         if msg.metadata.message_type == MessageType.QUERY:
             return honest_handler(msg)
-        state = {k: torch.from_numpy(a.numpy()) for k, a in msg.content.array_records["stitch"].items()}
+        received = {k: torch.from_numpy(a.numpy()) for k, a in msg.content.array_records["stitch"].items()}
+        delta = zero_delta(received)
         variant = str(msg.content.config_records["config"]["variant-id"])
-        key = sorted(state)[-1]
+        key = max(delta)
         if kind == "nan":
-            state[key] = state[key].clone().fill_(float("nan"))
+            delta[key].fill_(float("nan"))
         elif kind == "inf":
-            state[key] = state[key].clone().fill_(float("inf"))
+            delta[key].fill_(float("inf"))
         elif kind == "wrong_shape":
-            state[key] = torch.zeros(state[key].numel() + 1)
+            delta[key] = torch.zeros(delta[key].numel() + 1, dtype=WIRE_DTYPE)
+        elif kind == "wrong_dtype":
+            delta[key] = delta[key].float()
         elif kind == "norm":
-            state = {k: 1000.0 * v for k, v in state.items()}
+            delta = {k: (1000.0 * v).half() for k, v in received.items()}
         elif kind == "wrong_variant":
             variant = other_variant
-        content = RecordDict({"stitch": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10_000}),
+        content = RecordDict({"stitch-delta": ArrayRecord(delta), "metrics": MetricRecord({"num-examples": 10_000}),
                               "variant": ConfigRecord({"variant-id": variant})})
         return Message(content, reply_to=msg)
 
@@ -252,7 +270,7 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
                            query_timeout=5, round_timeout=5, output_dir=tmp_path / out)
 
     honest = {100 + i: _device_handler(100 + i, node(i, 2)) for i in range(2)}
-    kinds = ("nan", "inf", "wrong_shape", "wrong_variant", "norm")
+    kinds = ("nan", "inf", "wrong_shape", "wrong_dtype", "wrong_variant", "norm")
     handlers = dict(honest)
     for k, kind in enumerate(kinds):
         handlers[200 + k] = _poisoner(kind, honest[100], other)
@@ -261,7 +279,7 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
     clean = run_federation(InProcessGrid(honest), settings("clean"), run_id=8)
 
     (rec,) = mixed["rounds"]
-    assert rec["variant_id"] == vid and rec["num_nodes"] == 7 and rec["num_updates"] == 2
+    assert rec["variant_id"] == vid and rec["num_nodes"] == 8 and rec["num_updates"] == 2
     assert rec["rejected"] == {kind: 1 for kind in kinds}
     assert rec["stitch_sha256"] == clean["rounds"][0]["stitch_sha256"]  # bit-identical to the honest-only run
     # the same outcome as the honest-only run: published (a file) only when no worse than the delivered stitch
