@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shared.hsic import gram_linear, hsic_u_cross, hsic_u_self, u_center
+from shared.hsic import gram_terms, hsic_u_cross, hsic_u_self
 
 
 class CKAAccumulator:
@@ -49,18 +49,17 @@ class CKAAccumulator:
         if n <= 3:
             self.skipped_batches += 1
             return
-        ua = u_center(np.stack([gram_linear(f) for f in feats_a]))
-        ub = u_center(np.stack([gram_linear(f) for f in feats_b]))
-        self.cross += hsic_u_cross(ua, ub)
-        self.self_a += hsic_u_self(ua)
-        self.self_b += hsic_u_self(ub)
+        ta, tb = gram_terms(feats_a), gram_terms(feats_b)
+        self.cross += hsic_u_cross(ta, tb)
+        self.self_a += hsic_u_self(ta)
+        self.self_b += hsic_u_self(tb)
         self.batches += 1
         self.examples += n
 
     def _degenerate(self) -> tuple[np.ndarray, np.ndarray]:
-        """Blocks whose features do not vary across examples: U(K) = 0, so self-HSIC = 0 (never < 0).
+        """Blocks whose features do not vary across examples: K = 0, so self-HSIC = 0.
 
-        `gram_linear` makes such features exactly zero, so the test is exact, not a tolerance.
+        `gram_terms` makes such features exactly zero, so the test is exact, not a tolerance.
         """
         return self.self_a <= 0.0, self.self_b <= 0.0
 
