@@ -9,7 +9,7 @@ else the build does between "base models ready" and "fine-tune" should be cheap 
   forward        both models, plain `model(x)` under no_grad, once over every calibration batch (denominator)
   fwd@calibrate  the same passes as `shared.build.calibrate` runs them (`block_outputs`, every block kept);
                  printed for reference, it is the forward share of the real pipeline
-  cka            CKA accumulation inside `calibrate` (Gram matrices, U-centering, HSIC products, result)
+  cka            CKA accumulation inside `calibrate` (Gram matrices, HSIC products, result)
   specs          `activation_specs` of both models (two batch-1 forwards)
   pair_costs     `shared.build.pair_costs` with latency measurement off: per-block params/FLOPs/activation
                  bytes, and params/FLOPs of the stitch of every (a, b) pair -> the cost matrix of the sweep
