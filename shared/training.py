@@ -73,7 +73,8 @@ def fit(forward, params: list[nn.Parameter], dataset: TensorDataset, cfg: TrainC
     for m in train_modules:
         m.train()
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="step")
+    # disable=None: bars only on a terminal; a log file gets the callers' summary lines, not every bar update.
+    bar = tqdm(total=steps, desc=desc, disable=None if progress else True, leave=False, unit="step")
     for _ in range(cfg.epochs):
         loss_sum, seen = 0.0, 0
         for x, y in loader:
