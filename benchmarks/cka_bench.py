@@ -206,7 +206,8 @@ def model_batches(args) -> tuple[list, str]:
     cfg = load_config(args.config)
     # Train mode: BatchNorm on batch statistics keeps random-weight activations in a healthy range (its default
     # running statistics let them vanish with depth, and constant features have no CKA).
-    models = [create_base(replace(mc, pretrained=False, checkpoint=None), cfg)[1].train() for mc in (cfg.large, cfg.small)]
+    models = [create_base(replace(mc, pretrained=False, checkpoint=None), cfg)[1].train()
+              for mc in (cfg.large, cfg.small)]
     g = torch.Generator().manual_seed(0)
     batches = []
     with torch.no_grad():

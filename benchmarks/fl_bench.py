@@ -103,8 +103,8 @@ def pair_ratios(config: str) -> None:
           + ", ".join(f"{name} {r[0]:.0f}x" for name, r in zip(("min", "p25", "median", "p75", "max"), q)))
     worst = ratios[0]
     print(f"  worst: front[:{worst[1] + 1}] -> behind[{worst[2] + 1}:], stitch {worst[3]:,} of {worst[4]:,} params; "
-          f"pairs under 100x: {sum(r[0] < 100 for r in ratios)} in parameters, {sum(2 * r[0] < 100 for r in ratios)} in "
-          f"bytes (float16 change vs float32 model)")
+          f"pairs under 100x: {sum(r[0] < 100 for r in ratios)} in parameters, "
+          f"{sum(2 * r[0] < 100 for r in ratios)} in bytes (float16 change vs float32 model)")
     # The pairs a budget sweep would pick from: variants within the config's budget range.
     if budgets:
         within = [r for r in ratios if budgets[0] * 0.9 <= r[4] <= budgets[-1] * 1.1]

@@ -6,8 +6,8 @@ The node config (written by `client.supernode`) says where the device keeps its 
 - query: answer with the installed variant id and version (cheap: no torch, no model).
 - train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
   train only the stitching layer on the local partition with the frozen front's outputs computed once, and
-  return only the change to the stitching weights (float16, `shared.updates`), the example count and metrics. Every training request is appended to
-  `<device-dir>/fl_history.jsonl` (what was received, what was sent back).
+  return only the change to the stitching weights (float16, `shared.updates`), the example count and metrics.
+  Every training request is appended to `<device-dir>/fl_history.jsonl` (what was received, what was sent back).
 
 Flower starts one ClientApp process per message, so nothing is kept in memory between rounds.
 """

@@ -3,8 +3,9 @@
 Each round: ask new nodes which variant they run (a query message), send every node the current stitching
 weights of ITS OWN variant (only the stitch tensors travel; nodes answer with their float16 change to them), wait
 for replies up to the round timeout (a node that is gone or late is simply left out of this round), validate
-and aggregate the replies group by group (`server.aggregation`), and evaluate each variant on the held-out validation split. Nodes are re-discovered every
-round, so a node that comes back (with a new node id) takes part again.
+and aggregate the replies group by group (`server.aggregation`), and evaluate each variant on the held-out
+validation split. Nodes are re-discovered every round, so a node that comes back (with a new node id) takes part
+again.
 
 Results go to the coordinator's HTTP API when `coordinator-url` is set (round reports, then each variant's new
 stitching weights) and to `output-dir` when that is set: `events.jsonl` (progress), `results.json`, and

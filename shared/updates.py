@@ -23,5 +23,5 @@ def encode_delta(received: Mapping[str, torch.Tensor], trained: Mapping[str, tor
 
 
 def apply_delta(current: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`current + delta` in float64, returned in the dtypes of `current` (delta: float16 off the wire, or an average)."""
+    """`current + delta` in float64, in the dtypes of `current` (delta: float16 off the wire, or an average)."""
     return {k: (v.double() + delta[k].double()).to(v.dtype) for k, v in current.items()}
