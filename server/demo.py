@@ -72,7 +72,8 @@ def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool) -> None:
 
 def run(args) -> int:
     from client.fleet_sim import describe, start_fleet, wait_settled
-    from client.supernode import SuperNodeManager, free_port
+    from client.processes import free_port
+    from client.supernode import SuperNodeManager
     from server.coordinator import Coordinator
     from server.fl_runner import SuperLink, flwr_run, run_config
     from shared.catalog import Catalog

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.local_data import data_to_flat
-from client.supernode import HOST, ManagedProcess, flower_env, flower_executable, free_port
+from client.processes import HOST, ManagedProcess, flower_env, flower_executable, free_port
 from shared.artifacts import bytes_to_tensors, with_new_stitch
 from shared.catalog import Catalog
 from shared.config import Config
@@ -160,8 +160,11 @@ def _follow_log(run_id: str, flwr_home: Path, log_path: Path, timeout: float, ec
                 if echo:
                     echo(line.rstrip("\n"))
         proc.wait()
-    finally:
+    finally:  # on Ctrl-C too: the stream would otherwise outlive us until the SuperLink goes
         timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if expired.is_set():
         _flwr(["stop", run_id, CONNECTION], flwr_home)
         raise RestnetError(f"run {run_id} did not finish within {timeout:.0f}s; stopped it", f"see {log_path}")

@@ -33,9 +33,10 @@ def demo_config(tmp_path: Path) -> dict:
     return cfg
 
 
-def flower_processes() -> set[int]:
-    """Our Flower and broker processes still alive (SuperLink, SuperNodes, their superexec/app children)."""
-    found = set()
+def flower_processes() -> dict[int, str]:
+    """Our Flower and broker processes still alive (SuperLink, SuperNodes, their superexec/app children, `flwr`
+    commands), by pid with their command lines (so a failure says which process was left)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -44,19 +45,19 @@ def flower_processes() -> set[int]:
         except OSError:
             continue
         if any(name in cmd for name in ("flower-superlink", "flower-supernode", "flower-superexec",
-                                        "flwr-serverapp", "flwr-clientapp", "rumqttd", "iotcore")):
-            found.add(int(proc.name))
+                                        "flwr-serverapp", "flwr-clientapp", "bin/flwr ", "rumqttd", "iotcore")):
+            found[int(proc.name)] = cmd
     return found
 
 
-def wait_gone(before: set[int], timeout: float = 30.0) -> set[int]:
+def wait_gone(before: dict[int, str], timeout: float = 30.0) -> dict[int, str]:
+    """The processes not in `before` that are still alive after `timeout` seconds, by pid with command line."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = flower_processes() - before
-        if not left:
+    while True:
+        left = {pid: cmd for pid, cmd in flower_processes().items() if pid not in before}
+        if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
-    return flower_processes() - before
 
 
 def run_demo(config: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
@@ -131,7 +132,7 @@ def test_plots_are_written(demo_run):
 
 
 def test_no_process_is_left_running(demo_run):
-    assert wait_gone(demo_run["before"]) == set()
+    assert wait_gone(demo_run["before"]) == {}
 
 
 def test_ctrl_c_stops_every_process(demo_run):
@@ -147,7 +148,7 @@ def test_ctrl_c_stops_every_process(demo_run):
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert wait_gone(before) == set()
+    assert wait_gone(before) == {}
 
 
 def test_the_catalog_is_rebuilt_only_when_its_own_settings_change():

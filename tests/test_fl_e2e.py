@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord
 
 from client.fl_client import HISTORY
 from client.local_data import NodeData, install_from_catalog
-from client.supernode import HOST, SuperNode, node_config_arg, port_free
+from client.processes import HOST, port_free
+from client.supernode import SuperNode, node_config_arg
 from server.fl_runner import SuperLink, commit_results, flwr_run
 from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, load_variant
 from shared.catalog import Catalog
