@@ -282,4 +282,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shared.errors import RestnetError
+
+    try:
+        main()
+    except RestnetError as exc:  # a bad --config: one line and exit code, as the restnet commands give them
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

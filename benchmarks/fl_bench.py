@@ -251,5 +251,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from shared.errors import RestnetError
+
     np.set_printoptions(precision=3)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RestnetError as exc:  # a bad --config: one line and exit code, as the restnet commands give them
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.local_data import NodeData
-from shared.errors import IntegrityError
+from shared.errors import IntegrityError, RestnetError
+from shared.updates import UPDATE_FORMAT
 
 CURRENT = "current.json"
 HISTORY = "fl_history.jsonl"
@@ -48,6 +49,12 @@ class TrainRequest:
 
     @classmethod
     def from_record(cls, cfg) -> "TrainRequest":
+        """Refuses a request for an update format this device cannot produce (a server of another release).
+        A request without one comes from the release before formats were named, which wanted this one."""
+        wanted = str(cfg.get("update-format", UPDATE_FORMAT))
+        if wanted != UPDATE_FORMAT:
+            raise RestnetError(f"the server asks for updates in format {wanted}; this device sends {UPDATE_FORMAT}",
+                               "run the same restnet-fleet release on the server and the devices")
         return cls(str(cfg["variant-id"]), int(cfg["version"]), int(cfg["round"]), int(cfg["local-epochs"]),
                    float(cfg["learning-rate"]), int(cfg["batch-size"]))
 
@@ -100,5 +107,5 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {k: a.numpy() for k, a in msg.content.array_records["stitch"].items()}
     delta, metrics = local_update(node, req, arrays, context.run_id)
     content = RecordDict({"stitch-delta": ArrayRecord(delta), "metrics": MetricRecord(metrics),
-                          "variant": ConfigRecord({"variant-id": req.variant_id})})
+                          "variant": ConfigRecord({"variant-id": req.variant_id, "update-format": UPDATE_FORMAT})})
     return Message(content, reply_to=msg)

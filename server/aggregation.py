@@ -17,8 +17,8 @@ import torch
 from shared.updates import WIRE_DTYPE, apply_delta
 
 METHODS = ("fedavg", "trimmed_mean", "median")
-# Every reason an update can be refused for ("malformed" is decided while reading a reply).
-REASONS = ("malformed", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
+# Every reason an update can be refused for ("malformed" and "incompatible" are decided while reading a reply).
+REASONS = ("malformed", "incompatible", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
            "nan", "inf", "norm")
 
 

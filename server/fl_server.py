@@ -36,6 +36,7 @@ from shared.artifacts import atomic_write, bytes_to_tensors, load_variant, sha25
 from shared.catalog import Catalog
 from shared.config import DataConfig
 from shared.errors import RestnetError
+from shared.updates import UPDATE_FORMAT
 
 # Errors that mean "no answer from the node" (gone, or too late), as opposed to a node that answered with a failure.
 _UNAVAILABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
@@ -156,15 +157,25 @@ def read_variant_reply(reply: Message) -> str | None:
 
 def train_message(node_id: int, variant: VariantState, rnd: int, s: RunSettings) -> Message:
     config = ConfigRecord({"variant-id": variant.variant_id, "version": variant.base_version, "round": rnd,
-                           "local-epochs": s.local_epochs, "learning-rate": s.lr, "batch-size": s.batch_size})
+                           "local-epochs": s.local_epochs, "learning-rate": s.lr, "batch-size": s.batch_size,
+                           "update-format": UPDATE_FORMAT})
     content = RecordDict({"stitch": ArrayRecord(variant.current), "config": config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd),
                    ttl=s.round_timeout)
 
 
+def reply_format(content: RecordDict) -> str:
+    """The update format a train reply is in. Devices of the release before formats were named send deltas
+    without saying so; devices from before deltas send their trained weights as `stitch`."""
+    if "stitch-delta" not in content.array_records and "stitch" in content.array_records:
+        return "weights-float32/0"
+    variant = content.config_records.get("variant")
+    return str(variant.get("update-format", UPDATE_FORMAT)) if variant is not None else UPDATE_FORMAT
+
+
 def read_update(node_id: int, reply: Message) -> Update | str:
     """A train reply as an Update, or why it is not one: "dropped" (no answer), "failed" (the node reported an
-    error) or "malformed" (an answer we cannot read)."""
+    error), "incompatible" (an update format of another release) or "malformed" (an answer we cannot read)."""
     if reply.has_error():
         if reply.error.code in _UNAVAILABLE:
             return "dropped"
@@ -172,6 +183,11 @@ def read_update(node_id: int, reply: Message) -> Update | str:
         return "failed"
     try:
         content = reply.content
+        sent = reply_format(content)
+        if sent != UPDATE_FORMAT:
+            log(WARNING, "node %s answered in update format %s, this server reads %s: run the same "
+                "restnet-fleet release on the server and the devices", node_id, sent, UPDATE_FORMAT)
+            return "incompatible"
         arrays = content.array_records["stitch-delta"]
         num_bytes = arrays.count_bytes()
         delta = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
@@ -325,7 +341,7 @@ def aggregate_replies(rnd: int, v: VariantState, nodes: list[int], replies: dict
             updates.append(got)
             continue
         unusable.append(node)
-        (malformed if got == "malformed" else lost)[got] += 1
+        (malformed if got in ("malformed", "incompatible") else lost)[got] += 1
     agg = aggregate_variant(v.variant_id, v.current, updates, s.aggregation, s.norm_bound, s.trim_fraction, malformed)
     if agg.accepted:
         v.current = agg.state

@@ -4,6 +4,10 @@ A device answers a training request with `trained - received` rather than the tr
 it can travel in float16 (half the bytes of float32) while its rounding error stays relative to the change,
 which local fine-tuning keeps small, instead of to the weights themselves. The server adds the (averaged)
 changes back to its float32 weights in float64.
+
+`UPDATE_FORMAT` names this form. The server sends it with every training request and a device sends it back
+with its answer, so a device and a server of different releases see that they disagree (and say so) instead of
+misreading each other's tensors.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from collections.abc import Mapping
 import torch
 
 WIRE_DTYPE = torch.float16
+UPDATE_FORMAT = "delta-float16/1"  # change it whenever what a device sends back changes meaning or layout
 
 
 def encode_delta(received: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

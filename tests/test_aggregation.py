@@ -237,6 +237,12 @@ def _poisoner(kind, honest_handler, other_variant):
             variant = other_variant
         content = RecordDict({"stitch-delta": ArrayRecord(delta), "metrics": MetricRecord({"num-examples": 10_000}),
                               "variant": ConfigRecord({"variant-id": variant})})
+        if kind == "newer_format":  # a device of a later release
+            content.config_records["variant"]["update-format"] = "delta-float16/2"
+        elif kind == "weights_not_delta":  # a device from before deltas: its trained float32 weights as `stitch`
+            content = RecordDict({"stitch": ArrayRecord({k: (v * 1000).float() for k, v in received.items()}),
+                                  "metrics": MetricRecord({"num-examples": 10_000}),
+                                  "variant": ConfigRecord({"variant-id": variant})})
         return Message(content, reply_to=msg)
 
     return handle
@@ -270,7 +276,9 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
                            query_timeout=5, round_timeout=5, output_dir=tmp_path / out)
 
     honest = {100 + i: _device_handler(100 + i, node(i, 2)) for i in range(2)}
-    kinds = ("nan", "inf", "wrong_shape", "wrong_dtype", "wrong_variant", "norm")
+    kinds = ("nan", "inf", "wrong_shape", "wrong_dtype", "wrong_variant", "norm", "newer_format",
+             "weights_not_delta")
+    reasons = {"newer_format": "incompatible", "weights_not_delta": "incompatible"}
     handlers = dict(honest)
     for k, kind in enumerate(kinds):
         handlers[200 + k] = _poisoner(kind, honest[100], other)
@@ -279,8 +287,8 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
     clean = run_federation(InProcessGrid(honest), settings("clean"), run_id=8)
 
     (rec,) = mixed["rounds"]
-    assert rec["variant_id"] == vid and rec["num_nodes"] == 8 and rec["num_updates"] == 2
-    assert rec["rejected"] == {kind: 1 for kind in kinds}
+    assert rec["variant_id"] == vid and rec["num_nodes"] == 2 + len(kinds) and rec["num_updates"] == 2
+    assert rec["rejected"] == dict(Counter(reasons.get(kind, kind) for kind in kinds))
     assert rec["stitch_sha256"] == clean["rounds"][0]["stitch_sha256"]  # bit-identical to the honest-only run
     # the same outcome as the honest-only run: published (a file) only when no worse than the delivered stitch
     assert mixed["variants"][vid] == clean["variants"][vid]
@@ -346,3 +354,30 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
     assert float(parse_qs(url.query)["accuracy"][0]) == pytest.approx(results["variants"][vid]["accuracy"], abs=1e-6)
     assert sha256_bytes(tensors_to_bytes(bytes_to_tensors(body))) == results["variants"][vid]["stitch_sha256"]
     assert results["settings"]["coordinator_token"] == "***"  # the secret is not written to results.json
+
+
+def test_a_device_refuses_a_request_for_an_update_format_it_cannot_send():
+    from client.fl_client import TrainRequest
+    from shared.errors import RestnetError
+    from shared.updates import UPDATE_FORMAT
+
+    request = {"variant-id": VARIANT, "version": 3, "round": 1, "local-epochs": 1, "learning-rate": 0.1,
+               "batch-size": 8}
+    assert TrainRequest.from_record({**request, "update-format": UPDATE_FORMAT}).version == 3
+    assert TrainRequest.from_record(request).variant_id == VARIANT  # the release before formats were named
+    with pytest.raises(RestnetError, match="delta-float16/9"):
+        TrainRequest.from_record({**request, "update-format": "delta-float16/9"})
+
+
+def test_the_reply_format_is_read_from_what_a_device_sent():
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from server.fl_server import reply_format
+    from shared.updates import UPDATE_FORMAT
+
+    delta = ArrayRecord({"w": torch.zeros(2, dtype=WIRE_DTYPE)})
+    assert reply_format(RecordDict({"stitch-delta": delta, "variant": ConfigRecord(
+        {"variant-id": VARIANT, "update-format": UPDATE_FORMAT})})) == UPDATE_FORMAT
+    assert reply_format(RecordDict({"stitch-delta": delta, "variant": ConfigRecord({"variant-id": VARIANT})})) \
+        == UPDATE_FORMAT
+    assert reply_format(RecordDict({"stitch": ArrayRecord({"w": torch.zeros(2)})})) != UPDATE_FORMAT
