@@ -6,7 +6,8 @@ The node config (written by `client.supernode`) says where the device keeps its 
 - query: answer with the installed variant id and version (cheap: no torch, no model).
 - train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
   train only the stitching layer on the local partition with the frozen front's outputs computed once, and
-  return only the change to the stitching weights (float16, `shared.updates`), the example count and metrics.
+  return only the change to the stitching weights (in the update format the server asked for, float16 or int8:
+  `shared.updates`), the example count and metrics.
   Every training request is appended to `<device-dir>/fl_history.jsonl` (what was received, what was sent back).
 
 Flower starts one ClientApp process per message, so nothing is kept in memory between rounds.
@@ -23,7 +24,6 @@ from flwr.clientapp import ClientApp
 
 from client.local_data import NodeData
 from shared.errors import IntegrityError, RestnetError
-from shared.updates import UPDATE_FORMAT
 
 CURRENT = "current.json"
 HISTORY = "fl_history.jsonl"
@@ -46,22 +46,26 @@ class TrainRequest:
     epochs: int
     lr: float
     batch_size: int
+    update_format: str = "delta-float16/1"  # shared.updates.FLOAT16 (not imported here: it brings torch)
 
     @classmethod
     def from_record(cls, cfg) -> "TrainRequest":
         """Refuses a request for an update format this device cannot produce (a server of another release).
-        A request without one comes from the release before formats were named, which wanted this one."""
-        wanted = str(cfg.get("update-format", UPDATE_FORMAT))
-        if wanted != UPDATE_FORMAT:
-            raise RestnetError(f"the server asks for updates in format {wanted}; this device sends {UPDATE_FORMAT}",
+        A request without one comes from the release before formats were named, which wanted float16."""
+        from shared.updates import FLOAT16, UPDATE_FORMATS
+
+        wanted = str(cfg.get("update-format", FLOAT16))
+        if wanted not in UPDATE_FORMATS.values():
+            raise RestnetError(f"the server asks for updates in format {wanted}; this device sends "
+                               f"{', '.join(UPDATE_FORMATS.values())}",
                                "run the same restnet-fleet release on the server and the devices")
         return cls(str(cfg["variant-id"]), int(cfg["version"]), int(cfg["round"]), int(cfg["local-epochs"]),
-                   float(cfg["learning-rate"]), int(cfg["batch-size"]))
+                   float(cfg["learning-rate"]), int(cfg["batch-size"]), wanted)
 
 
 def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 0) -> tuple[dict, dict]:
     """Train the installed variant's stitching layer from the received `arrays` (numpy, as they arrive);
-    returns (the change to send back, as float16 tensors; metrics)."""
+    returns (the change to send back, in the requested update format; metrics)."""
     # Imported here, not at the top: torch costs seconds and a query never needs it.
     import torch
 
@@ -80,7 +84,7 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     data = node.load_train_partition()
     stats = finetune_stitch(model, data, req.epochs, req.lr, req.batch_size,
                             seed=1000 * req.round + node.partition_id)
-    delta = encode_delta(state, model.stitch_state())
+    delta = encode_delta(state, model.stitch_state(), req.update_format, seed=1000 * req.round + node.partition_id)
     metrics = {"num-examples": len(data), "train-loss": float(stats["loss"]), "train-seconds": float(stats["seconds"])}
     entry = {"time": time.time(), "run_id": str(run_id), "round": req.round, "variant_id": manifest.variant_id,
              "installed_version": manifest.version, "server_version": req.version,
@@ -107,5 +111,6 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {k: a.numpy() for k, a in msg.content.array_records["stitch"].items()}
     delta, metrics = local_update(node, req, arrays, context.run_id)
     content = RecordDict({"stitch-delta": ArrayRecord(delta), "metrics": MetricRecord(metrics),
-                          "variant": ConfigRecord({"variant-id": req.variant_id, "update-format": UPDATE_FORMAT})})
+                          "variant": ConfigRecord({"variant-id": req.variant_id,
+                                                   "update-format": req.update_format})})
     return Message(content, reply_to=msg)

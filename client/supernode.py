@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from client.local_data import NodeData
@@ -114,9 +115,12 @@ class SuperNodeManager:
             node.wait_ready()
 
     def stop(self) -> None:
+        """Stop every node at once (each may wait out its grace period: in turn, a fleet would wait for all)."""
         with self.lock:
             self.stopped = True
-            for _, node in self.nodes.values():
-                node.stop()
+            nodes = [node for _, node in self.nodes.values()]
+            if nodes:
+                with ThreadPoolExecutor(len(nodes)) as pool:
+                    list(pool.map(SuperNode.stop, nodes))
             self.nodes.clear()
 

@@ -1,11 +1,12 @@
 """Checking and averaging stitching-layer updates, one variant at a time. No Flower in here.
 
-An update is a node's change to the variant's current stitching weights, in float16 (`shared.updates`). Every
-update is checked against the current weights before it may count: the right variant, the same keys and shapes,
-the wire dtype, only finite values, and a change no larger than `norm_bound` times the norm of the current
-weights. A rejected update is counted under its reason and otherwise ignored, so the aggregate equals the one
-computed from the honest updates alone. The accepted changes are combined (FedAvg, trimmed mean or median, all
-of which commute with adding the current weights) and added to the current weights.
+An update is a node's change to the variant's current stitching weights in one of the wire formats of
+`shared.updates` (float16, or int8 with row scales). Every update is decoded and checked against the current
+weights before it may count: the right variant, the keys, dtypes and shapes of its format, only finite values,
+and a change no larger than `norm_bound` times the norm of the current weights. A rejected update is counted
+under its reason and otherwise ignored, so the aggregate equals the one computed from the honest updates alone.
+The accepted changes are combined (FedAvg, trimmed mean or median, all of which commute with adding the current
+weights) and added to the current weights.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.updates import WIRE_DTYPE, apply_delta
+from shared.updates import FLOAT16, WireError, apply_delta, decode_delta
 
 METHODS = ("fedavg", "trimmed_mean", "median")
-# Every reason an update can be refused for ("malformed" and "incompatible" are decided while reading a reply).
+# Every reason an update can be refused for ("malformed", and "incompatible" for a reply in a format other than
+# the one asked for, are decided while reading a reply).
 REASONS = ("malformed", "incompatible", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
            "nan", "inf", "norm")
 
@@ -29,10 +31,11 @@ class Update:
 
     node_id: int
     variant_id: str
-    delta: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]  # as it came off the wire, in `update_format`
     num_examples: int
     metrics: dict = field(default_factory=dict)
     num_bytes: int = 0  # size on the wire, for accounting
+    update_format: str = FLOAT16
 
 
 @dataclass
@@ -53,29 +56,43 @@ def _norm(tensors) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
-def validate_update(update: Update, variant_id: str, current: dict[str, torch.Tensor], norm_bound: float) -> str | None:
-    """The reason to reject `update`, or None when it may be aggregated."""
+class Rejected(ValueError):
+    """An update that may not count; `reason` labels the rejection counter."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def checked_change(update: Update, variant_id: str, current: dict[str, torch.Tensor],
+                   norm_bound: float) -> dict[str, torch.Tensor]:
+    """The change `update` carries, decoded and checked; raises Rejected with the reason when it may not count."""
     if update.variant_id != variant_id:
-        return "wrong_variant"
-    if set(update.delta) != set(current):
-        return "wrong_keys"
+        raise Rejected("wrong_variant")
     if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples < 1:
-        return "bad_examples"
-    for key, ref in current.items():
-        value = update.delta[key]
-        if not isinstance(value, torch.Tensor) or value.dtype != WIRE_DTYPE:
-            return "wrong_dtype"
-        if value.shape != ref.shape:
-            return "wrong_shape"
-    values = [update.delta[k] for k in current]
+        raise Rejected("bad_examples")
+    try:
+        change = decode_delta(update.delta, current, update.update_format)
+    except WireError as exc:
+        raise Rejected(exc.reason) from None
+    values = list(change.values())
     if any(torch.isnan(v).any() for v in values):
-        return "nan"
+        raise Rejected("nan")
     if any(torch.isinf(v).any() for v in values):
-        return "inf"
+        raise Rejected("inf")
     # Relative bound: scale-free across variants. All-zero weights have no scale, so the bound becomes absolute.
     reference = _norm(current.values()) or 1.0
     if _norm(values) > norm_bound * reference:
-        return "norm"
+        raise Rejected("norm")
+    return change
+
+
+def validate_update(update: Update, variant_id: str, current: dict[str, torch.Tensor], norm_bound: float) -> str | None:
+    """The reason to reject `update`, or None when it may be aggregated."""
+    try:
+        checked_change(update, variant_id, current, norm_bound)
+    except Rejected as exc:
+        return exc.reason
     return None
 
 
@@ -92,7 +109,7 @@ def fedavg(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
 
 
 def _by_coordinate(deltas: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
-    """[coordinates, updates] in float32 (exact for float16 input): each coordinate's values side by side in memory
+    """[coordinates, updates] in float32 (exact for decoded changes): each coordinate's values side by side in memory
     (reductions over them run 2-3x faster than over the first dimension of a plain stack)."""
     return torch.stack([d[key].reshape(-1).float() for d in deltas], dim=1)
 
@@ -147,15 +164,15 @@ def aggregate_variant(variant_id: str, current: dict[str, torch.Tensor], updates
     `rejected` may carry counts decided earlier (unreadable replies, node errors); they are kept.
     """
     rejected = Counter(rejected or {})
-    accepted = []
+    accepted, changes = [], []
     for update in updates:
-        reason = validate_update(update, variant_id, current, norm_bound)
-        if reason is None:
+        try:
+            changes.append(checked_change(update, variant_id, current, norm_bound))
             accepted.append(update)
-        else:
-            rejected[reason] += 1
+        except Rejected as exc:
+            rejected[exc.reason] += 1
     if not accepted:
         return VariantAggregate(variant_id, {k: v.clone() for k, v in current.items()}, [], rejected)
-    change = combine([u.delta for u in accepted], [float(u.num_examples) for u in accepted], method, trim_fraction)
+    change = combine(changes, [float(u.num_examples) for u in accepted], method, trim_fraction)
     state = apply_delta(current, change)
     return VariantAggregate(variant_id, state, accepted, rejected)

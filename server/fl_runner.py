@@ -24,6 +24,7 @@ from shared.artifacts import bytes_to_tensors, with_new_stitch
 from shared.catalog import Catalog
 from shared.config import Config
 from shared.errors import ConfigError, RestnetError
+from shared.updates import UPDATE_FORMATS
 
 CONNECTION = "restnet"  # the connection name in the scratch FLWR_HOME/config.toml
 
@@ -70,7 +71,8 @@ def run_config(cfg: Config, catalog_dir: Path, output_dir: Path, coordinator_url
             "coordinator-url": coordinator_url, "coordinator-token": cfg.fleet.api_token or "",
             "coordinator-ca": cfg.fleet.http_ca_file or "", "num-server-rounds": rounds or fed.rounds,
             "local-epochs": fed.local_epochs, "learning-rate": fed.lr, "batch-size": fed.batch_size,
-            "aggregation": fed.aggregation, "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
+            "aggregation": fed.aggregation, "update-format": UPDATE_FORMATS[fed.update_encoding],
+            "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
             "min-nodes": min_nodes, **data_to_flat(cfg.data)}
 
 

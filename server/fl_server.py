@@ -36,7 +36,7 @@ from shared.artifacts import atomic_write, bytes_to_tensors, load_variant, sha25
 from shared.catalog import Catalog
 from shared.config import DataConfig
 from shared.errors import RestnetError
-from shared.updates import UPDATE_FORMAT
+from shared.updates import FLOAT16, UPDATE_FORMATS
 
 # Errors that mean "no answer from the node" (gone, or too late), as opposed to a node that answered with a failure.
 _UNAVAILABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
@@ -53,6 +53,7 @@ class RunSettings:
     lr: float = 0.05
     batch_size: int = 32
     aggregation: str = "fedavg"
+    update_format: str = FLOAT16  # what devices send back (shared.updates)
     trim_fraction: float = 0.2
     norm_bound: float = 100.0
     round_timeout: float = 120.0
@@ -68,10 +69,14 @@ class RunSettings:
     def from_run_config(cls, cfg: Mapping) -> "RunSettings":
         if not cfg.get("catalog"):
             raise RestnetError("run config `catalog` is empty", "pass the catalog folder: restnet fl run --catalog DIR")
+        update_format = str(cfg.get("update-format", FLOAT16))
+        if update_format not in UPDATE_FORMATS.values():
+            raise RestnetError(f"run config `update-format` is {update_format!r}",
+                               f"use one of {', '.join(UPDATE_FORMATS.values())}")
         return cls(
             catalog=Path(str(cfg["catalog"])), data=data_from_flat(cfg), rounds=int(cfg["num-server-rounds"]),
             local_epochs=int(cfg["local-epochs"]), lr=float(cfg["learning-rate"]), batch_size=int(cfg["batch-size"]),
-            aggregation=str(cfg["aggregation"]), trim_fraction=float(cfg["trim-fraction"]),
+            aggregation=str(cfg["aggregation"]), update_format=update_format, trim_fraction=float(cfg["trim-fraction"]),
             norm_bound=float(cfg["norm-bound"]), round_timeout=float(cfg["round-timeout"]),
             query_timeout=float(cfg["query-timeout"]), min_nodes=int(cfg["min-nodes"]),
             wait_nodes_timeout=float(cfg["wait-nodes-timeout"]),
@@ -158,24 +163,25 @@ def read_variant_reply(reply: Message) -> str | None:
 def train_message(node_id: int, variant: VariantState, rnd: int, s: RunSettings) -> Message:
     config = ConfigRecord({"variant-id": variant.variant_id, "version": variant.base_version, "round": rnd,
                            "local-epochs": s.local_epochs, "learning-rate": s.lr, "batch-size": s.batch_size,
-                           "update-format": UPDATE_FORMAT})
+                           "update-format": s.update_format})
     content = RecordDict({"stitch": ArrayRecord(variant.current), "config": config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd),
                    ttl=s.round_timeout)
 
 
 def reply_format(content: RecordDict) -> str:
-    """The update format a train reply is in. Devices of the release before formats were named send deltas
-    without saying so; devices from before deltas send their trained weights as `stitch`."""
+    """The update format a train reply is in. Devices of the release before formats were named send float16
+    deltas without saying so; devices from before deltas send their trained weights as `stitch`."""
     if "stitch-delta" not in content.array_records and "stitch" in content.array_records:
         return "weights-float32/0"
     variant = content.config_records.get("variant")
-    return str(variant.get("update-format", UPDATE_FORMAT)) if variant is not None else UPDATE_FORMAT
+    return str(variant.get("update-format", FLOAT16)) if variant is not None else FLOAT16
 
 
-def read_update(node_id: int, reply: Message) -> Update | str:
+def read_update(node_id: int, reply: Message, expected_format: str = FLOAT16) -> Update | str:
     """A train reply as an Update, or why it is not one: "dropped" (no answer), "failed" (the node reported an
-    error), "incompatible" (an update format of another release) or "malformed" (an answer we cannot read)."""
+    error), "incompatible" (not in the update format asked for: another release) or "malformed" (an answer we
+    cannot read)."""
     if reply.has_error():
         if reply.error.code in _UNAVAILABLE:
             return "dropped"
@@ -184,9 +190,9 @@ def read_update(node_id: int, reply: Message) -> Update | str:
     try:
         content = reply.content
         sent = reply_format(content)
-        if sent != UPDATE_FORMAT:
-            log(WARNING, "node %s answered in update format %s, this server reads %s: run the same "
-                "restnet-fleet release on the server and the devices", node_id, sent, UPDATE_FORMAT)
+        if sent != expected_format:
+            log(WARNING, "node %s answered in update format %s, the server asked for %s: run the same "
+                "restnet-fleet release on the server and the devices", node_id, sent, expected_format)
             return "incompatible"
         arrays = content.array_records["stitch-delta"]
         num_bytes = arrays.count_bytes()
@@ -197,7 +203,7 @@ def read_update(node_id: int, reply: Message) -> Update | str:
     except (KeyError, TypeError, ValueError) as exc:
         log(WARNING, "node %s sent an unreadable update: %s", node_id, exc)
         return "malformed"
-    return Update(node_id, variant_id, delta, num_examples, metrics, num_bytes)
+    return Update(node_id, variant_id, delta, num_examples, metrics, num_bytes, sent)
 
 
 # ---------------------------------------------------------------- results
@@ -336,7 +342,7 @@ def aggregate_replies(rnd: int, v: VariantState, nodes: list[int], replies: dict
     Returns the round's record and the nodes that gave no usable answer (dropped, failed or malformed)."""
     updates, lost, malformed, unusable = [], Counter(), Counter(), []
     for node in nodes:
-        got = read_update(node, replies[node]) if node in replies else "dropped"
+        got = read_update(node, replies[node], s.update_format) if node in replies else "dropped"
         if isinstance(got, Update):
             updates.append(got)
             continue

@@ -13,6 +13,8 @@ import yaml
 
 from shared.errors import ConfigError
 
+UPDATE_ENCODINGS = ("float16", "int8")  # the keys of shared.updates.UPDATE_FORMATS (which would import torch here)
+
 DIRECTIONS = ("slow_to_fast", "fast_to_slow")
 BUDGET_METRICS = ("params", "flops", "memory", "latency")
 STRATEGIES = ("stitch", "stitch+behind", "stitch+front", "full")
@@ -123,6 +125,7 @@ class FederatedConfig:
     lr: float = 0.05
     batch_size: int = 32
     aggregation: str = "fedavg"  # fedavg | trimmed_mean | median
+    update_encoding: str = "float16"  # float16 | int8: how devices send their change (shared.updates)
     norm_bound: float = 100.0  # max ||update|| relative to ||current weights||
     round_timeout_s: float = 120.0
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -242,6 +245,8 @@ def _check(cfg: Config) -> None:
         need(d.memory_mb > 0 and d.compute > 0, f"device {d.id}: memory_mb and compute must be positive")
     need(cfg.federated.aggregation in ("fedavg", "trimmed_mean", "median"),
          "federated.aggregation must be fedavg, trimmed_mean or median")
+    need(cfg.federated.update_encoding in UPDATE_ENCODINGS,
+         f"federated.update_encoding must be {' or '.join(UPDATE_ENCODINGS)}")
     need(cfg.federated.partition.kind in ("iid", "dirichlet"), "federated.partition.kind must be iid or dirichlet")
     need(cfg.federated.partition.alpha > 0, "federated.partition.alpha must be positive")
 

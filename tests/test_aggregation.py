@@ -15,7 +15,7 @@ from server.aggregation import (
     trimmed_mean,
     validate_update,
 )
-from shared.updates import WIRE_DTYPE
+from shared.updates import FLOAT16, INT8, SCALE, encode_delta
 
 VARIANT = "v-a"
 
@@ -32,7 +32,7 @@ def honest(current, seed: int, examples: int, node: int | None = None) -> Update
 
 
 def zero_delta(current) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros(v.shape, dtype=WIRE_DTYPE) for k, v in current.items()}
+    return {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in current.items()}
 
 
 def poisoned(current) -> dict[str, Update]:
@@ -47,11 +47,11 @@ def poisoned(current) -> dict[str, Update]:
     nan, inf = w.clone(), w.clone()
     nan[0, 0, 0, 0] = float("nan")
     inf[1, 1, 0, 0] = float("-inf")
-    extra = dict(base, **{"other.weight": torch.zeros(2, dtype=WIRE_DTYPE)})
+    extra = dict(base, **{"other.weight": torch.zeros(2, dtype=torch.float16)})
     return {
         "nan": with_("proj.weight", nan),
         "inf": with_("proj.weight", inf),
-        "wrong_shape": with_("proj.weight", torch.zeros(8, 5, 1, 1, dtype=WIRE_DTYPE)),
+        "wrong_shape": with_("proj.weight", torch.zeros(8, 5, 1, 1, dtype=torch.float16)),
         "wrong_dtype": with_("proj.weight", w.float()),  # float32 off the wire: not what a device sends
         "wrong_variant": Update(101, "v-b", dict(base), 50),
         "wrong_keys": Update(102, VARIANT, extra, 50),
@@ -70,6 +70,46 @@ def test_honest_update_passes_validation():
 def test_each_poisoned_update_is_rejected_with_its_reason(reason):
     cur = current_state()
     assert validate_update(poisoned(cur)[reason], VARIANT, cur, norm_bound=100.0) == reason
+
+
+def int8_update(current, node: int, scale_of=None, values_of=None) -> Update:
+    """An honest int8 update, optionally with one scale tensor or value tensor replaced."""
+    trained = {k: v + 0.05 for k, v in current.items()}
+    wire = encode_delta(current, trained, INT8, seed=node)
+    if scale_of is not None:
+        wire["proj.weight" + SCALE] = scale_of(wire["proj.weight" + SCALE])
+    if values_of is not None:
+        wire["proj.weight"] = values_of(wire["proj.weight"])
+    return Update(node, VARIANT, wire, 10, update_format=INT8)
+
+
+@pytest.mark.parametrize("reason, update", [
+    (None, lambda cur: int8_update(cur, 1)),
+    ("nan", lambda cur: int8_update(cur, 2, scale_of=lambda s: s.fill_(float("nan")))),
+    ("inf", lambda cur: int8_update(cur, 3, scale_of=lambda s: s.fill_(float("inf")),
+                                    values_of=lambda q: q.fill_(1))),
+    ("norm", lambda cur: int8_update(cur, 4, scale_of=lambda s: s * 1e6)),
+    ("wrong_dtype", lambda cur: int8_update(cur, 5, values_of=lambda q: q.to(torch.int16))),
+    ("wrong_shape", lambda cur: int8_update(cur, 6, scale_of=lambda s: s[:3])),
+    ("wrong_keys", lambda cur: Update(7, VARIANT, zero_delta(cur), 10, update_format=INT8)),  # float16's keys
+])
+def test_int8_updates_are_decoded_then_checked_like_any_other(reason, update):
+    cur = current_state()
+    assert validate_update(update(cur), VARIANT, cur, norm_bound=100.0) == reason
+
+
+def test_int8_fedavg_is_the_weighted_mean_of_the_decoded_changes():
+    from shared.updates import decode_delta
+
+    cur = current_state()
+    updates = [int8_update(cur, n) for n in (1, 2, 3)]
+    for u, e in zip(updates, (10, 30, 60)):
+        u.num_examples = e
+    out = aggregate_variant(VARIANT, cur, updates, "fedavg").state
+    for key in cur:
+        expected = cur[key].double() + sum(decode_delta(u.delta, cur, INT8)[key].double() * u.num_examples
+                                           for u in updates) / 100.0
+        assert torch.allclose(out[key].double(), expected, atol=1e-6)
 
 
 def test_missing_key_is_wrong_keys():
@@ -91,8 +131,8 @@ def test_norm_bound_is_relative_to_current_weights():
 
 def test_all_zero_current_weights_use_an_absolute_bound():
     cur = {k: torch.zeros_like(v) for k, v in current_state().items()}
-    small = Update(1, VARIANT, {k: torch.full(v.shape, 0.01, dtype=WIRE_DTYPE) for k, v in cur.items()}, 5)
-    huge = Update(2, VARIANT, {k: torch.full(v.shape, 1e3, dtype=WIRE_DTYPE) for k, v in cur.items()}, 5)
+    small = Update(1, VARIANT, {k: torch.full(v.shape, 0.01, dtype=torch.float16) for k, v in cur.items()}, 5)
+    huge = Update(2, VARIANT, {k: torch.full(v.shape, 1e3, dtype=torch.float16) for k, v in cur.items()}, 5)
     assert validate_update(small, VARIANT, cur, 10.0) is None
     assert validate_update(huge, VARIANT, cur, 10.0) == "norm"
 
@@ -228,7 +268,7 @@ def _poisoner(kind, honest_handler, other_variant):
         elif kind == "inf":
             delta[key].fill_(float("inf"))
         elif kind == "wrong_shape":
-            delta[key] = torch.zeros(delta[key].numel() + 1, dtype=WIRE_DTYPE)
+            delta[key] = torch.zeros(delta[key].numel() + 1, dtype=torch.float16)
         elif kind == "wrong_dtype":
             delta[key] = delta[key].float()
         elif kind == "norm":
@@ -299,8 +339,9 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("update_format", [FLOAT16, INT8])
 def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(tiny_catalog, tmp_path,
-                                                                                task_identity):
+                                                                                task_identity, update_format):
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -335,6 +376,7 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
         install_from_catalog(tiny_catalog, vid, node.device_dir)
         handlers[10 + i] = _device_handler(10 + i, node)
     settings = RunSettings(catalog=tiny_catalog.root, data=data, rounds=2, query_timeout=5, round_timeout=5,
+                           update_format=update_format,
                            coordinator_url=f"http://127.0.0.1:{httpd.server_address[1]}",
                            coordinator_token="s3cret")
     try:
@@ -359,12 +401,11 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
 def test_a_device_refuses_a_request_for_an_update_format_it_cannot_send():
     from client.fl_client import TrainRequest
     from shared.errors import RestnetError
-    from shared.updates import UPDATE_FORMAT
-
     request = {"variant-id": VARIANT, "version": 3, "round": 1, "local-epochs": 1, "learning-rate": 0.1,
                "batch-size": 8}
-    assert TrainRequest.from_record({**request, "update-format": UPDATE_FORMAT}).version == 3
-    assert TrainRequest.from_record(request).variant_id == VARIANT  # the release before formats were named
+    assert TrainRequest.from_record({**request, "update-format": FLOAT16}).version == 3
+    assert TrainRequest.from_record({**request, "update-format": INT8}).update_format == INT8
+    assert TrainRequest.from_record(request).update_format == FLOAT16  # the release before formats were named
     with pytest.raises(RestnetError, match="delta-float16/9"):
         TrainRequest.from_record({**request, "update-format": "delta-float16/9"})
 
@@ -373,11 +414,9 @@ def test_the_reply_format_is_read_from_what_a_device_sent():
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from server.fl_server import reply_format
-    from shared.updates import UPDATE_FORMAT
-
-    delta = ArrayRecord({"w": torch.zeros(2, dtype=WIRE_DTYPE)})
+    delta = ArrayRecord({"w": torch.zeros(2, dtype=torch.float16)})
     assert reply_format(RecordDict({"stitch-delta": delta, "variant": ConfigRecord(
-        {"variant-id": VARIANT, "update-format": UPDATE_FORMAT})})) == UPDATE_FORMAT
+        {"variant-id": VARIANT, "update-format": FLOAT16})})) == FLOAT16
     assert reply_format(RecordDict({"stitch-delta": delta, "variant": ConfigRecord({"variant-id": VARIANT})})) \
-        == UPDATE_FORMAT
-    assert reply_format(RecordDict({"stitch": ArrayRecord({"w": torch.zeros(2)})})) != UPDATE_FORMAT
+        == FLOAT16
+    assert reply_format(RecordDict({"stitch": ArrayRecord({"w": torch.zeros(2)})})) != FLOAT16
