@@ -82,9 +82,9 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     model = load_variant(manifest, BlobStore(node.device_dir / "blobs"))
     model.load_stitch_state(state)  # refuses weights of another shape, dtype, or with NaN/inf
     data = node.load_train_partition()
-    stats = finetune_stitch(model, data, req.epochs, req.lr, req.batch_size,
-                            seed=1000 * req.round + node.partition_id)
-    delta = encode_delta(state, model.stitch_state(), req.update_format, seed=1000 * req.round + node.partition_id)
+    seed = 1000 * req.round + node.partition_id  # repeatable per device and round: shuffling, int8 rounding
+    stats = finetune_stitch(model, data, req.epochs, req.lr, req.batch_size, seed=seed)
+    delta = encode_delta(state, model.stitch_state(), req.update_format, seed=seed)
     metrics = {"num-examples": len(data), "train-loss": float(stats["loss"]), "train-seconds": float(stats["seconds"])}
     entry = {"time": time.time(), "run_id": str(run_id), "round": req.round, "variant_id": manifest.variant_id,
              "installed_version": manifest.version, "server_version": req.version,

@@ -69,9 +69,9 @@ def port_free(host: str, port: int) -> bool:
 ProcessKey = tuple[int, int]  # (pid, start time in clock ticks since boot): unique even when pids are recycled
 
 
-def process_table() -> dict[int, tuple[int, int, int, str]]:
-    """Every live process: pid -> (parent pid, process group, start time, state letter). Zombies are left out:
-    they have exited and only wait to be reaped. Empty where there is no /proc (then only groups are followed)."""
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """Every live process: pid -> (parent pid, process group, start time). Zombies are left out: they have exited
+    and only wait to be reaped. Empty where there is no /proc (then only groups are followed)."""
     table = {}
     if not PROC.is_dir():
         return table
@@ -83,14 +83,14 @@ def process_table() -> dict[int, tuple[int, int, int, str]]:
         fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
         state, ppid, pgid, start = fields[0], int(fields[1]), int(fields[2]), int(fields[19])
         if state != "Z":
-            table[int(stat.parent.name)] = (ppid, pgid, start, state)
+            table[int(stat.parent.name)] = (ppid, pgid, start)
     return table
 
 
 def descendants(table: dict, roots: set[int]) -> set[ProcessKey]:
     """The processes below `roots` in `table` (any session or group), as (pid, start time)."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, *_rest) in table.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found, todo = set(), list(roots)
     while todo:
@@ -146,16 +146,16 @@ class ManagedProcess:
                 raise RestnetError(f"{self.name} did not come up on port {port}:\n{tail}")
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop the process and everything it started (SIGTERM, then SIGKILL after `timeout` seconds) and wait
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+        """Stop the process and everything it started (`sig`, then SIGKILL after `timeout` seconds) and wait
         until its ports are free."""
         if self.proc is None:
             return
         pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
-        tracked = descendants(process_table(), {pgid})
-        _signal_group(pgid, signal.SIGTERM)
+        tracked = descendants(process_table(), {pgid})  # before any signal: orphans lose their place in the tree
+        _signal_group(pgid, sig)
         for pid, _ in tracked:
-            _signal_process(pid, signal.SIGTERM)
+            _signal_process(pid, sig)
         left = self._wait_gone(pgid, tracked, timeout)
         if left:
             _signal_group(pgid, signal.SIGKILL)
@@ -169,10 +169,9 @@ class ManagedProcess:
             time.sleep(0.2)
 
     def kill(self) -> None:
-        """SIGKILL the group at once, as a crash or power loss would (no goodbye to the SuperLink)."""
-        if self.proc is not None:
-            _signal_group(self.proc.pid, signal.SIGKILL)
-            self.stop(timeout=10.0)
+        """SIGKILL the process and everything it started at once, as a crash or power loss would (no goodbye to
+        the SuperLink)."""
+        self.stop(timeout=10.0, sig=signal.SIGKILL)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -187,21 +186,21 @@ class ManagedProcess:
         while True:
             self.proc.poll()  # reap the leader so it does not linger as a zombie
             table = process_table()
-            if not table:  # no /proc: follow the group only
+            if not PROC.is_dir():  # follow the group only
                 try:
                     os.killpg(pgid, 0)
                     alive = {pgid}
                 except ProcessLookupError:
                     alive = set()
             else:
-                alive = {pid for pid, start in tracked if table.get(pid, (0, 0, -1))[2] == start}
+                alive = {pid for pid, start in tracked if table.get(pid, (0, 0, None))[2] == start}
                 leader = {pgid} if self.proc.returncode is None else set()
                 started = descendants(table, alive | leader) - tracked
                 for pid, _ in started:  # children started while we wait get the same signal first
                     _signal_process(pid, signal.SIGTERM)
                 tracked |= started
                 alive |= {pid for pid, _ in started}
-                alive |= {pid for pid, (_, group, _, _) in table.items() if group == pgid}
+                alive |= {pid for pid, (_, group, _) in table.items() if group == pgid}
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(0.1)

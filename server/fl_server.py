@@ -339,16 +339,18 @@ def discover(grid: Grid, rnd: int, s: RunSettings, catalog: Catalog, val, varian
 def aggregate_replies(rnd: int, v: VariantState, nodes: list[int], replies: dict[int, Message],
                       s: RunSettings) -> tuple[RoundRecord, list[int]]:
     """One variant's round: read, validate and combine its nodes' replies, evaluate the result.
-    Returns the round's record and the nodes that gave no usable answer (dropped, failed or malformed)."""
-    updates, lost, malformed, unusable = [], Counter(), Counter(), []
+    Returns the round's record and the nodes that gave no usable answer (dropped, failed, incompatible or
+    malformed)."""
+    updates, lost, unreadable, unusable = [], Counter(), Counter(), []
     for node in nodes:
         got = read_update(node, replies[node], s.update_format) if node in replies else "dropped"
         if isinstance(got, Update):
             updates.append(got)
             continue
         unusable.append(node)
-        (malformed if got in ("malformed", "incompatible") else lost)[got] += 1
-    agg = aggregate_variant(v.variant_id, v.current, updates, s.aggregation, s.norm_bound, s.trim_fraction, malformed)
+        (unreadable if got in ("malformed", "incompatible") else lost)[got] += 1  # the latter are not rejections
+    agg = aggregate_variant(v.variant_id, v.current, updates, s.aggregation, s.norm_bound, s.trim_fraction,
+                            unreadable)
     if agg.accepted:
         v.current = agg.state
         v.accuracy = v.evaluate()
