@@ -3,7 +3,7 @@
     python benchmarks/enroll_bench.py [--sizes 1000 5000] [--rate 500] [--seconds 5] [--connections 4]
 
 What runs: Mosquitto with the config `restnet acl` writes (lifted in-flight/queue limits, TCP_NODELAY), the
-coordinator as its own process (`python -m server.cli_fleet coordinator`, SQLite in WAL mode with
+coordinator as its own process (`python -m restnet.cli coordinator`, SQLite in WAL mode with
 synchronous=FULL and group commit: every answer is durable before it is published), and this process as the
 devices. Each simulated device is a distinct device id with its own profile and request id; to keep the load
 generator light, the devices share a few MQTT connections (a `loadgen` user allowed on every device topic)
@@ -30,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.broker import make_client  # noqa: E402
+from shared.mqtt import make_client  # noqa: E402
 from server.mqtt_acl import password_hash, write_broker_files  # noqa: E402
 from shared.artifacts import BlobStore, BlockRef, Manifest, tensors_to_bytes  # noqa: E402
 from shared.catalog import Catalog, ModelInfo, VariantRecord  # noqa: E402
@@ -182,7 +182,7 @@ def main() -> int:
         config.write_text(yaml.safe_dump({"name": "bench", "large": {"name": "bench-front"},
                                           "small": {"name": "bench-behind"}, "fleet": asdict(fleet)}))
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        procs.append(subprocess.Popen([sys.executable, "-m", "server.cli_fleet", "coordinator", "--config",
+        procs.append(subprocess.Popen([sys.executable, "-m", "restnet.cli", "coordinator", "--config",
                                        str(config), "--catalog", str(catalog.root)], stdout=log, stderr=log, env=env,
                                       start_new_session=True))
         metrics_url = f"http://127.0.0.1:{http_port}/metrics"

@@ -40,9 +40,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.fl_client import TrainRequest, local_update
-from client.local_data import NodeData, install_from_catalog
+from shared.node_data import NodeData, install_from_catalog
 from server.aggregation import Update, aggregate_variant
-from shared.artifacts import load_variant
+from shared.variants import load_variant
 from shared.catalog import Catalog
 from shared.config import PartitionConfig, load_config
 from shared.datasets import load_splits

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from client.download import DownloadError, current_manifest_bytes, install
-from server.broker import make_client
+from shared.mqtt import make_client
 from shared.artifacts import Manifest, atomic_write, sha256_bytes
 from shared.config import BrokerConfig
 from shared.errors import IntegrityError

@@ -1,7 +1,7 @@
 """Flower ClientApp: stitch-only fine-tuning of the device's installed variant on its local data.
 
 The node config (written by `client.supernode`) says where the device keeps its installed variant
-(`<device-dir>/current.json` + `blobs/`) and which data it owns (`client.local_data.NodeData`).
+(`<device-dir>/current.json` + `blobs/`) and which data it owns (`shared.node_data.NodeData`).
 
 - query: answer with the installed variant id and version (cheap: no torch, no model).
 - train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
@@ -22,7 +22,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_data import NodeData
+from shared.node_data import NodeData
 from shared.errors import IntegrityError, RestnetError
 
 CURRENT = "current.json"
@@ -69,7 +69,8 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     # Imported here, not at the top: torch costs seconds and a query never needs it.
     import torch
 
-    from shared.artifacts import BlobStore, Manifest, load_variant, sha256_bytes, tensors_to_bytes
+    from shared.artifacts import BlobStore, Manifest, sha256_bytes, tensors_to_bytes
+    from shared.variants import load_variant
     from shared.training import finetune_stitch
     from shared.updates import encode_delta
 

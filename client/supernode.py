@@ -1,7 +1,7 @@
-"""A device's Flower SuperNode, started after a variant is installed (a `client.processes.ManagedProcess`, so
+"""A device's Flower SuperNode, started after a variant is installed (a `shared.processes.ManagedProcess`, so
 stopping it stops its `flower-superexec` and ClientApp processes too).
 
-The SuperNode's node config points at the device folder and its data (`client.local_data.NodeData`); its Flower
+The SuperNode's node config points at the device folder and its data (`shared.node_data.NodeData`); its Flower
 state (the installed app bundles) lives in `<device-dir>/flwr` and its log in `<device-dir>/supernode.log`.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from client.local_data import NodeData
-from client.processes import ManagedProcess, flower_executable, free_port
+from shared.node_data import NodeData
+from shared.processes import ManagedProcess, flower_executable, free_port
 from shared.errors import RestnetError
 
 log = logging.getLogger(__name__)

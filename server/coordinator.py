@@ -23,7 +23,8 @@ import torch
 
 from server.artifact_http import ApiError, ArtifactServer
 from server.assignment import Assigner
-from server.broker import EmbeddedBroker, make_client, parse_url
+from server.broker import EmbeddedBroker
+from shared.mqtt import make_client, parse_url
 from server.metrics import FleetMetrics
 from server.registry import DeviceRow, Registry
 from shared.artifacts import bytes_to_tensors, with_new_stitch

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.local_data import data_to_flat
-from client.processes import HOST, ManagedProcess, flower_env, flower_executable, free_port
+from shared.node_data import data_to_flat
+from shared.processes import HOST, ManagedProcess, flower_env, flower_executable, free_port
 from shared.artifacts import bytes_to_tensors, with_new_stitch
 from shared.catalog import Catalog
 from shared.config import Config

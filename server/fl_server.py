@@ -30,9 +30,10 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from client.local_data import data_from_flat
+from shared.node_data import data_from_flat
 from server.aggregation import Update, aggregate_variant
-from shared.artifacts import atomic_write, bytes_to_tensors, load_variant, sha256_bytes, tensors_to_bytes
+from shared.artifacts import atomic_write, bytes_to_tensors, sha256_bytes, tensors_to_bytes
+from shared.variants import load_variant
 from shared.catalog import Catalog
 from shared.config import DataConfig
 from shared.errors import RestnetError

@@ -159,22 +159,3 @@ def with_new_stitch(manifest: Manifest, stitch_state: dict[str, torch.Tensor], s
     blocks = [new if b.role == "stitch" else b for b in manifest.blocks]
     return Manifest(manifest.variant_id, manifest.version + 1, manifest.architecture, blocks,
                     dict(record if record is not None else manifest.record))
-
-
-def load_variant(manifest: Manifest, store: BlobStore):
-    """Rebuild the StitchedModel a manifest describes, verifying every block's hash first."""
-    from shared.catalog import build_stitched_model  # local import: catalog imports this module
-
-    states = {(b.role, b.index): bytes_to_tensors(store.read(b.sha256)) for b in manifest.blocks}
-    model = build_stitched_model(manifest.architecture)
-    front = {("front", i): m for i, m in enumerate(model.front)}
-    behind = {("behind", manifest.architecture["behind_cut"] + k): m for k, m in enumerate(model.behind)}
-    modules = {**front, ("stitch", manifest.stitch_block().index): model.stitch, **behind}
-    if set(modules) != set(states):
-        raise IntegrityError(f"manifest of {manifest.variant_id} lists blocks that do not match its architecture")
-    for key, module in modules.items():
-        try:
-            module.load_state_dict(states[key], strict=True)
-        except RuntimeError as exc:
-            raise IntegrityError(f"block {key} of {manifest.variant_id} has the wrong tensors: {exc}") from exc
-    return model.eval()

@@ -20,7 +20,8 @@ import torch.nn as nn
 from shared import costs as C
 from shared.artifacts import BlobStore, atomic_write, export_variant
 from shared.blocks import BlockedModel, activation_specs, block_outputs, split_model
-from shared.catalog import Catalog, ModelInfo, VariantRecord, _finite, architecture_of
+from shared.catalog import Catalog, ModelInfo, VariantRecord, _finite
+from shared.variants import architecture_of
 from shared.cka import CKAAccumulator
 from shared.config import Config, ModelConfig
 from shared.datasets import calibration_batches, load_splits

@@ -1,7 +1,7 @@
 """The catalog: one record per stitched variant, plus the two base models it was built from.
 
 `catalog.json` (schema `restnet.catalog/1`, documented in docs/CATALOG.md) is plain data; the model is only
-rebuilt from a record's architecture when needed (`build_stitched_model`).
+rebuilt from a record's architecture when needed (`shared.variants`).
 """
 from __future__ import annotations
 
@@ -151,28 +151,3 @@ def _finite(obj):
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
-
-
-def architecture_of(front: ModelInfo, behind: ModelInfo, front_cut: int, behind_cut: int, src_spec, dst_spec) -> dict:
-    """The plain-data description `build_stitched_model` needs (stored in every manifest)."""
-    return {
-        "front": {"name": front.name, "kwargs": front.kwargs},
-        "behind": {"name": behind.name, "kwargs": behind.kwargs},
-        "front_cut": front_cut,
-        "behind_cut": behind_cut,
-        "stitch": {"src": src_spec.to_dict(), "dst": dst_spec.to_dict()},
-    }
-
-
-def build_stitched_model(architecture: dict):
-    """An untrained StitchedModel with the architecture's shape; weights are loaded by the caller."""
-    from shared.blocks import split_model
-    from shared.models import create_model
-    from shared.specs import ActivationSpec
-    from shared.stitching import StitchedModel, StitchingLayer
-
-    a = architecture
-    front = split_model(create_model(a["front"]["name"], a["front"]["kwargs"]), a["front"]["name"])
-    behind = split_model(create_model(a["behind"]["name"], a["behind"]["kwargs"]), a["behind"]["name"])
-    stitch = StitchingLayer(ActivationSpec.from_dict(a["stitch"]["src"]), ActivationSpec.from_dict(a["stitch"]["dst"]))
-    return StitchedModel(list(front.blocks[: a["front_cut"]]), stitch, list(behind.blocks[a["behind_cut"]:]))

@@ -89,7 +89,8 @@ def _build_catalog(root: Path) -> Catalog:
 
     from shared.artifacts import BlobStore, export_variant
     from shared.blocks import activation_specs, split_model
-    from shared.catalog import ModelInfo, architecture_of
+    from shared.catalog import ModelInfo
+    from shared.variants import architecture_of
     from shared.models import create_model
     from shared.stitching import StitchedModel, StitchingLayer
 
@@ -277,7 +278,7 @@ class RawClient:
         import queue
         import threading
 
-        from server.broker import make_client
+        from shared.mqtt import make_client
 
         self.client, self.address = make_client(BrokerConfig(url=url, ca_file=ca_file), client_id, username, password,
                                                 clean_session=True)

@@ -299,7 +299,7 @@ def task_identity(monkeypatch):
 
 @pytest.mark.slow
 def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(tiny_catalog, tmp_path, task_identity):
-    from client.local_data import NodeData, install_from_catalog
+    from shared.node_data import NodeData, install_from_catalog
     from server.fl_server import RunSettings, run_federation
     from shared.config import DataConfig, PartitionConfig
 
@@ -347,7 +347,7 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlparse
 
-    from client.local_data import NodeData, install_from_catalog
+    from shared.node_data import NodeData, install_from_catalog
     from server.fl_server import RunSettings, run_federation
     from shared.artifacts import bytes_to_tensors, sha256_bytes, tensors_to_bytes
     from shared.config import DataConfig, PartitionConfig

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, load_variant, tensors_to_bytes, with_new_stitch
+from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, tensors_to_bytes, with_new_stitch
+from shared.variants import load_variant
 from shared.errors import IntegrityError
 
 

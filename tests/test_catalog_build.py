@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.artifacts import load_variant
+from shared.variants import load_variant
 from shared.catalog import Catalog
-from shared.cli import main
+from restnet.cli import main
 from shared.costs import count_params
 from shared.selection import select
 from tests.conftest import tiny_config_dict

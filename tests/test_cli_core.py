@@ -4,7 +4,7 @@ import json
 import yaml
 
 from shared.catalog import Catalog
-from shared.cli import main
+from restnet.cli import main
 from tests.conftest import tiny_config_dict
 
 

@@ -62,7 +62,7 @@ def wait_gone(before: dict[int, str], timeout: float = 30.0) -> dict[int, str]:
 
 def run_demo(config: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", "demo", "--config", str(config), "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "restnet.cli", "demo", "--config", str(config), "--out", str(out),
                              "--http-port", "0", "--broker-port", "0", "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
 
@@ -73,7 +73,7 @@ def demo_run(tmp_path_factory):
     from shared.build import build_catalog
     from shared.config import config_from_dict
 
-    from server.demo import config_digest
+    from restnet.demo import config_digest
 
     root = tmp_path_factory.mktemp("demo")
     cfg = demo_config(root)
@@ -152,7 +152,7 @@ def test_ctrl_c_stops_every_process(demo_run):
 
 
 def test_the_catalog_is_rebuilt_only_when_its_own_settings_change():
-    from server.demo import config_digest
+    from restnet.demo import config_digest
     from shared.config import config_from_dict
 
     cfg = demo_config(Path("."))

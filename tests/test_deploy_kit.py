@@ -201,7 +201,7 @@ def test_start_order(compose):
 
 def test_commands_match_the_cli(compose):
     """The commands the containers run exist in `restnet`, with the arguments they are given."""
-    from shared.cli import build_parser
+    from restnet.cli import build_parser
 
     s = compose["services"]
     parser = build_parser()

@@ -12,11 +12,12 @@ import pytest
 from flwr.app import ArrayRecord
 
 from client.fl_client import HISTORY
-from client.local_data import NodeData, install_from_catalog
-from client.processes import HOST, port_free
+from shared.node_data import NodeData, install_from_catalog
+from shared.processes import HOST, port_free
 from client.supernode import SuperNode, node_config_arg
 from server.fl_runner import SuperLink, commit_results, flwr_run
-from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, load_variant
+from shared.artifacts import BlobStore, Manifest, bytes_to_tensors
+from shared.variants import load_variant
 from shared.catalog import Catalog
 from shared.config import DataConfig, PartitionConfig
 from shared.errors import ConfigError

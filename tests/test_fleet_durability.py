@@ -23,7 +23,7 @@ N = 40
 
 def start_coordinator(config, catalog_root, log):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, "-m", "server.cli_fleet", "coordinator", "--config", str(config),
+    return subprocess.Popen([sys.executable, "-m", "restnet.cli", "coordinator", "--config", str(config),
                              "--catalog", str(catalog_root)], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 

@@ -20,7 +20,8 @@ from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignme
 
 from client.download import fetch_blob
 from client.fleet_sim import settled, wait_settled
-from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, load_variant, sha256_bytes, tensors_to_bytes
+from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, sha256_bytes, tensors_to_bytes
+from shared.variants import load_variant
 from shared.errors import IntegrityError
 from shared.messages import Enroll, Profile, decode_desired, encode, topic
 
@@ -291,7 +292,7 @@ def test_devices_command_simulates_the_configured_fleet(tmp_path, embedded_broke
     fleet_coordinator(fleet, synthetic_catalog)
     config = write_config(tmp_path / "fleet.yaml", fleet)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli_fleet", "devices", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "restnet.cli", "devices", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)
     watchdog = threading.Timer(60, proc.kill)  # never hang the suite on a silent child

@@ -12,7 +12,7 @@ from fleet_helpers import (DEVICES, assert_assignment_ok, device_agents, fleet_c
                            _synthetic_catalog_template, tls_cert, wait_until, write_config)
 
 from client.fleet_sim import settled
-from server.cli_fleet import main as fleet_cli
+from restnet.cli import main as fleet_cli
 from server.coordinator import Coordinator
 from shared.artifacts import BlobStore, sha256_bytes
 from shared.errors import ConfigError

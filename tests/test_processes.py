@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client.local_data import NodeData, install_from_catalog
-from client.processes import ManagedProcess, descendants, process_table
+from shared.node_data import NodeData, install_from_catalog
+from shared.processes import ManagedProcess, descendants, process_table
 from client.supernode import SuperNodeManager
 from server.fl_runner import SuperLink
 from shared.config import DataConfig, PartitionConfig

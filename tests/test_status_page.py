@@ -26,7 +26,7 @@ from fleet_helpers import (DEVICES, _synthetic_catalog_template, device_agents, 
                            wait_until, write_config)
 
 from client.fleet_sim import wait_settled
-from shared.cli import main as restnet
+from restnet.cli import main as restnet
 from shared.messages import Enroll, Profile, Status, decode_desired, encode, topic
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

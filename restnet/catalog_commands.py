@@ -1,12 +1,52 @@
-"""The `restnet` command. Each sub-command is a small function over the library; errors are one line."""
+"""`restnet catalog build | show`, `restnet cka`, `restnet train-base`, `restnet stitch-train`: the operator's
+commands over the ReStNet core (`shared/`). Each is a small function over the library; errors are one line."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from shared.errors import RestnetError
+
+
+def add_parsers(sub) -> None:
+    cat = sub.add_parser("catalog", help="build or inspect a catalog of stitched variants")
+    catsub = cat.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
+    b = catsub.add_parser("build", help="train/load both models, compute CKA, select, stitch, fine-tune, export",
+                          description="Build a catalog: catalog.json, cka.json, blobs/, manifests/, cka.png, frontier.png.")
+    b.add_argument("--config", required=True, help="fleet config YAML (see fleet_configs/)")
+    b.add_argument("--out", required=True, help="output folder for the catalog")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_catalog_build)
+    s = catsub.add_parser("show", help="print a catalog's variants")
+    s.add_argument("catalog", help="catalog folder")
+    s.add_argument("--json", action="store_true", help="print catalog.json instead of a table")
+    s.set_defaults(func=cmd_catalog_show)
+
+    c = sub.add_parser("cka", help="CKA matrix between every block of the config's two models",
+                       description="Writes cka.json and cka.png; trains the models first when the config says so.")
+    c.add_argument("--config", required=True, help="fleet config YAML")
+    c.add_argument("--out", default="out/cka", help="output folder (default: out/cka)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_cka)
+
+    t = sub.add_parser("train-base", help="train the config's base model(s) from scratch and save checkpoints")
+    t.add_argument("--config", required=True, help="fleet config YAML")
+    t.add_argument("--role", choices=("large", "small", "both"), default="both", help="which model (default: both)")
+    t.add_argument("--out", default="out/base", help="output folder; checkpoints land in OUT/checkpoints/")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train_base)
+
+    st = sub.add_parser("stitch-train", help="fine-tune one catalog variant (Algorithm 2 or another strategy)")
+    st.add_argument("--config", required=True, help="fleet config YAML (data and fine-tuning settings)")
+    st.add_argument("--catalog", required=True, help="catalog folder")
+    st.add_argument("--variant", required=True, help="variant id (see `restnet catalog show`)")
+    st.add_argument("--strategy", default="stitch", choices=("stitch", "stitch+behind", "stitch+front", "full"),
+                    help="which weights to train (default: stitch, the paper's choice)")
+    st.add_argument("--epochs", type=int, default=None, help="override catalog.finetune.epochs")
+    st.add_argument("--save", action="store_true", help="store the result as the variant's next version")
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.set_defaults(func=cmd_stitch_train)
 
 
 def _catalog_table(catalog) -> str:
@@ -119,7 +159,8 @@ def cmd_train_base(args) -> int:
 
 
 def cmd_stitch_train(args) -> int:
-    from shared.artifacts import load_variant, with_new_stitch
+    from shared.artifacts import with_new_stitch
+    from shared.variants import load_variant
     from shared.catalog import Catalog
     from shared.config import load_config
     from shared.datasets import load_splits
@@ -153,73 +194,3 @@ def cmd_stitch_train(args) -> int:
         catalog.save()
         print(f"saved {rec.id} version {rec.version}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="restnet",
-        description="ReStNet Fleet: stitch two pre-trained models into a CKA-ranked catalog of variants, "
-                    "assign them to devices by budget over MQTT, and fine-tune their stitching layers with Flower.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    cat = sub.add_parser("catalog", help="build or inspect a catalog of stitched variants")
-    catsub = cat.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
-    b = catsub.add_parser("build", help="train/load both models, compute CKA, select, stitch, fine-tune, export",
-                          description="Build a catalog: catalog.json, cka.json, blobs/, manifests/, cka.png, frontier.png.")
-    b.add_argument("--config", required=True, help="fleet config YAML (see fleet_configs/)")
-    b.add_argument("--out", required=True, help="output folder for the catalog")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.set_defaults(func=cmd_catalog_build)
-    s = catsub.add_parser("show", help="print a catalog's variants")
-    s.add_argument("catalog", help="catalog folder")
-    s.add_argument("--json", action="store_true", help="print catalog.json instead of a table")
-    s.set_defaults(func=cmd_catalog_show)
-
-    c = sub.add_parser("cka", help="CKA matrix between every block of the config's two models",
-                       description="Writes cka.json and cka.png; trains the models first when the config says so.")
-    c.add_argument("--config", required=True, help="fleet config YAML")
-    c.add_argument("--out", default="out/cka", help="output folder (default: out/cka)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-    c.set_defaults(func=cmd_cka)
-
-    t = sub.add_parser("train-base", help="train the config's base model(s) from scratch and save checkpoints")
-    t.add_argument("--config", required=True, help="fleet config YAML")
-    t.add_argument("--role", choices=("large", "small", "both"), default="both", help="which model (default: both)")
-    t.add_argument("--out", default="out/base", help="output folder; checkpoints land in OUT/checkpoints/")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.set_defaults(func=cmd_train_base)
-
-    st = sub.add_parser("stitch-train", help="fine-tune one catalog variant (Algorithm 2 or another strategy)")
-    st.add_argument("--config", required=True, help="fleet config YAML (data and fine-tuning settings)")
-    st.add_argument("--catalog", required=True, help="catalog folder")
-    st.add_argument("--variant", required=True, help="variant id (see `restnet catalog show`)")
-    st.add_argument("--strategy", default="stitch", choices=("stitch", "stitch+behind", "stitch+front", "full"),
-                    help="which weights to train (default: stitch, the paper's choice)")
-    st.add_argument("--epochs", type=int, default=None, help="override catalog.finetune.epochs")
-    st.add_argument("--save", action="store_true", help="store the result as the variant's next version")
-    st.add_argument("--quiet", action="store_true", help="no progress bars")
-    st.set_defaults(func=cmd_stitch_train)
-
-    for module in _COMMAND_MODULES:
-        __import__(module, fromlist=["add_parser"]).add_parser(sub)
-    return p
-
-
-# Sub-commands that live beside the concern they drive (each module has add_parser(subparsers)).
-_COMMAND_MODULES = ("server.cli_fleet", "server.cli_fl", "server.demo")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except RestnetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from shared.errors import RestnetError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "fleet_configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "fleet_configs" / "demo.yaml"
 
 
-def add_parser(subparsers) -> None:
+def add_parsers(subparsers) -> None:
     d = subparsers.add_parser(
         "demo", help="run the whole fleet on this machine: catalog, coordinator, devices, federated rounds",
         description="Builds (or reuses) a catalog, starts the coordinator with an embedded MQTT broker, a Flower "
@@ -72,7 +72,7 @@ def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool) -> None:
 
 def run(args) -> int:
     from client.fleet_sim import describe, start_fleet, wait_settled
-    from client.processes import free_port
+    from shared.processes import free_port
     from client.supernode import SuperNodeManager
     from server.coordinator import Coordinator
     from server.fl_runner import SuperLink, flwr_run, run_config
@@ -182,7 +182,7 @@ def summarize(cfg, catalog, agents, delivered, results) -> dict:
 
 
 def write_plots(catalog, report: dict, results: dict, out: Path) -> list[Path]:
-    from shared.cli import write_catalog_plots
+    from restnet.catalog_commands import write_catalog_plots
     from shared.plots import plot_rounds
 
     assigned = {d["variant"] for d in report["devices"] if d["variant"]}

@@ -15,7 +15,7 @@ from pathlib import Path
 from shared.errors import RestnetError
 
 
-def add_parser(subparsers) -> None:
+def add_parsers(subparsers) -> None:
     fl = subparsers.add_parser("fl", help="federated fine-tuning of stitching layers with Flower")
     sub = fl.add_subparsers(dest="fl_command", metavar="ACTION", required=True)
     r = sub.add_parser(
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from client.local_data import NodeData
+    from shared.node_data import NodeData
     from client.supernode import SuperNode
     from server.fl_runner import SuperLink, commit_results, flwr_run, run_config
     from shared.catalog import Catalog
