@@ -159,13 +159,15 @@ def cmd_train_base(args) -> int:
 
 
 def cmd_stitch_train(args) -> int:
-    from shared.artifacts import with_new_stitch
     from shared.variants import load_variant
     from shared.catalog import Catalog
     from shared.config import load_config
     from shared.datasets import load_splits
     from shared.training import evaluate, finetune
 
+    if args.save and args.strategy != "stitch":
+        raise RestnetError("only stitch-only fine-tuning can be saved as a new version",
+                           "other strategies change shared base blocks; use --strategy stitch")
     cfg = load_config(args.config)
     catalog = Catalog.load(args.catalog)
     try:
@@ -185,12 +187,6 @@ def cmd_stitch_train(args) -> int:
     print(f"{rec.id}: strategy {args.strategy}, {stats['trainable_params']} trainable params, "
           f"{stats['seconds']:.1f}s, accuracy {before:.4f} -> {after:.4f}")
     if args.save:
-        if args.strategy != "stitch":
-            raise RestnetError("only stitch-only fine-tuning can be saved as a new version",
-                               "other strategies change shared base blocks; use --strategy stitch")
-        rec.accuracy = after
-        new = with_new_stitch(manifest, model.stitch_state(), catalog.store, rec.to_dict())
-        catalog.add_manifest(rec, new)
-        catalog.save()
-        print(f"saved {rec.id} version {rec.version}")
+        new = catalog.publish_stitch(rec.id, model.stitch_state(), after, base_version=manifest.version)
+        print(f"saved {rec.id} version {new.version}")
     return 0

@@ -43,7 +43,8 @@ def add_parsers(subparsers) -> None:
 def run(args) -> int:
     from shared.node_data import NodeData
     from client.supernode import SuperNode
-    from server.fl_runner import SuperLink, commit_results, flwr_run, run_config
+    from server.fl_runner import SuperLink, commit_results, flwr_run
+    from server.run_config import run_config
     from shared.catalog import Catalog
     from shared.config import load_config
     from shared.tables import format_table, pct
@@ -90,8 +91,11 @@ def run(args) -> int:
     if args.coordinator:
         print("new stitching weights were handed to the coordinator, which versions and delivers them")
     else:
-        for vid, version in commit_results(Path(args.catalog), run_dir):
+        committed, refused = commit_results(Path(args.catalog), run_dir)
+        for vid, version in committed:
             print(f"catalog: {vid} is now version {version}")
+        if refused:
+            raise RestnetError("; ".join(exc.message for exc in refused), refused[0].hint)
     return 0
 
 

@@ -7,7 +7,9 @@
   GET  /api/devices                              the registry as JSON
   GET  /api/catalog                              catalog.json
   POST /api/fl/report                            federated-round results -> metrics
-  POST /api/variants/<variant_id>/stitch?accuracy=F   aggregated stitch weights -> next variant version, pushed
+  POST /api/variants/<variant_id>/stitch?accuracy=F&base_version=N
+                                                 aggregated stitch weights trained from version N -> the
+                                                 variant's next version, pushed (409 when N is not current)
 POSTs need `Authorization: Bearer <fleet.api_token>` when a token is configured. The semantics live in the
 coordinator (`FleetAPI` below is what this module needs from it); this module only speaks HTTP.
 """
@@ -26,12 +28,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from server.metrics import FleetMetrics
 from server.status_page import CONTENT_SECURITY_POLICY, render_page
+from shared.vocabulary import SHA256, VARIANT_ID
 
 MAX_POST_BYTES = 256 << 20
 CHUNK = 1 << 16
-_MANIFEST = re.compile(r"/manifests/([A-Za-z0-9_.:-]{1,128})/v([0-9]{1,12})\.json")
-_BLOB = re.compile(r"/blobs/([0-9a-f]{64})")
-_STITCH = re.compile(r"/api/variants/([A-Za-z0-9_.:-]{1,128})/stitch")
+_MANIFEST = re.compile(rf"/manifests/({VARIANT_ID.pattern})/v([0-9]{{1,12}})\.json")
+_BLOB = re.compile(rf"/blobs/({SHA256.pattern})")
+_STITCH = re.compile(rf"/api/variants/({VARIANT_ID.pattern})/stitch")
 
 
 class ApiError(Exception):
@@ -50,7 +53,7 @@ class FleetAPI(Protocol):
     def catalog_bytes(self) -> bytes: ...
     def devices(self) -> list[dict]: ...
     def fl_report(self, report: dict) -> dict: ...
-    def stitch_update(self, variant_id: str, accuracy: float, body: bytes) -> dict: ...
+    def stitch_update(self, variant_id: str, accuracy: float, base_version: int, body: bytes) -> dict: ...
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -158,12 +161,17 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ApiError(400, "body is not JSON") from None
                 return self._json(200, self.api.fl_report(report))
             if m := _STITCH.fullmatch(url.path):
-                values = parse_qs(url.query).get("accuracy", [])
+                query = parse_qs(url.query)
                 try:
-                    accuracy = float(values[0])
-                except (IndexError, ValueError):
+                    accuracy = float(query["accuracy"][0])
+                except (KeyError, ValueError):
                     raise ApiError(400, "query parameter accuracy=<float in [0, 1]> is required") from None
-                return self._json(200, self.api.stitch_update(m.group(1), accuracy, body))
+                try:
+                    base_version = int(query["base_version"][0][:12])
+                except (KeyError, ValueError):
+                    raise ApiError(400, "query parameter base_version=<the version the stitch was trained from> "
+                                        "is required") from None
+                return self._json(200, self.api.stitch_update(m.group(1), accuracy, base_version, body))
             raise ApiError(404, f"no such resource: {url.path[:200]}")
         except ApiError as exc:
             self.close_connection = True  # the body may be unread: this connection cannot carry another request
@@ -226,7 +234,6 @@ class ArtifactServer:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(cert_file, key_file)
             self.httpd.tls = ctx
-        self.scheme = "https" if cert_file else "http"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="artifact-http", daemon=True)
 
     @property

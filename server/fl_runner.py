@@ -5,7 +5,6 @@
 - `flwr_run`: submits this project as a Flower app (`flwr run`, which bundles the project folder into a FAB that
   the SuperLink and SuperNodes unpack and import) with a run config, follows its log to the end and returns the
   run's final status. The `flwr` CLI gets a scratch FLWR_HOME whose config.toml names the SuperLink.
-- `run_config`: the run config (`[tool.flwr.app.config]` keys) from a fleet config.
 - `commit_results`: each improved variant's new stitching weights become its next version in the catalog
   (what the coordinator does when the ServerApp reports to it instead).
 """
@@ -18,13 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.node_data import data_to_flat
+import tomli_w
+
 from shared.processes import HOST, ManagedProcess, flower_env, flower_executable, free_port
-from shared.artifacts import bytes_to_tensors, with_new_stitch
-from shared.catalog import Catalog
-from shared.config import Config
-from shared.errors import ConfigError, RestnetError
-from shared.updates import UPDATE_FORMATS
+from shared.artifacts import bytes_to_tensors
+from shared.catalog import Catalog, StaleVersion
+from shared.errors import RestnetError
 
 CONNECTION = "restnet"  # the connection name in the scratch FLWR_HOME/config.toml
 
@@ -63,24 +61,6 @@ class SuperLink:
         self.process.stop()
 
 
-def run_config(cfg: Config, catalog_dir: Path, output_dir: Path, coordinator_url: str = "", min_nodes: int = 1,
-               rounds: int | None = None) -> dict:
-    """The ServerApp's run config for a fleet config (keys of pyproject's [tool.flwr.app.config])."""
-    fed = cfg.federated
-    return {"catalog": str(Path(catalog_dir).resolve()), "output-dir": str(Path(output_dir).resolve()),
-            "coordinator-url": coordinator_url, "coordinator-token": cfg.fleet.api_token or "",
-            "coordinator-ca": cfg.fleet.http_ca_file or "", "num-server-rounds": rounds or fed.rounds,
-            "local-epochs": fed.local_epochs, "learning-rate": fed.lr, "batch-size": fed.batch_size,
-            "aggregation": fed.aggregation, "update-format": UPDATE_FORMATS[fed.update_encoding],
-            "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
-            "min-nodes": min_nodes, **data_to_flat(cfg.data)}
-
-
-def _toml(values: dict) -> str:
-    """Flat TOML of scalars (JSON's string and number syntax is valid TOML for these)."""
-    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-
-
 @dataclass
 class RunOutcome:
     run_id: str
@@ -117,11 +97,11 @@ def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Pa
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
     security = {"root-certificates": str(Path(root_certificates).resolve())} if root_certificates else {"insecure": True}
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        + _toml({"address": superlink_address, **security}))
+    connection = {"address": superlink_address, **security}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                                                        CONNECTION: connection}}))
     overrides = flwr_home / "run-config.toml"
-    overrides.write_text(_toml(config))
+    overrides.write_text(tomli_w.dumps(config))
     started = time.monotonic()
     answer = _json_tail(_flwr(["run", str(app_dir()), CONNECTION, "--run-config", str(overrides),
                                "--format", "json"], flwr_home))
@@ -172,24 +152,23 @@ def _follow_log(run_id: str, flwr_home: Path, log_path: Path, timeout: float, ec
         raise RestnetError(f"run {run_id} did not finish within {timeout:.0f}s; stopped it", f"see {log_path}")
 
 
-def commit_results(catalog_dir: Path, results_dir: Path) -> list[tuple[str, int]]:
-    """Store each improved variant's new stitching weights as its next catalog version, with its accuracy.
+def commit_results(catalog_dir: Path, results_dir: Path) -> tuple[list[tuple[str, int]], list[StaleVersion]]:
+    """Publish each improved variant's new stitching weights as its next catalog version, with its accuracy.
 
-    Refuses a variant whose catalog version moved on since the run started (someone else published)."""
+    Returns (variant, new version) for each one published, and the refusals of variants whose catalog version
+    moved on since the run started (another writer published meanwhile): those are left as the other writer made
+    them."""
     catalog = Catalog.load(catalog_dir)
     results = json.loads((Path(results_dir) / "results.json").read_text())
-    committed = []
+    committed, refused = [], []
     for vid, entry in sorted(results["variants"].items()):
         if not entry.get("improved"):
             continue
-        rec = catalog.get(vid)
-        manifest = catalog.manifest(vid)
-        if manifest.version != entry["base_version"]:
-            raise ConfigError(f"{vid} is at version {manifest.version} in the catalog, the run started from "
-                              f"version {entry['base_version']}", "run the federation again from the new version")
         state = bytes_to_tensors((Path(results_dir) / entry["stitch_file"]).read_bytes())
-        rec.accuracy = float(entry["accuracy"])
-        catalog.add_manifest(rec, with_new_stitch(manifest, state, catalog.store, rec.to_dict()))
-        committed.append((vid, rec.version))
-    catalog.save()
-    return committed
+        try:
+            new = catalog.publish_stitch(vid, state, float(entry["accuracy"]), entry["base_version"])
+        except StaleVersion as exc:
+            refused.append(exc)
+            continue
+        committed.append((vid, new.version))
+    return committed, refused

@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shared.errors import IntegrityError
+from shared.vocabulary import valid_sha256
 
 MANIFEST_SCHEMA = "restnet.artifact/1"
 ROLES = ("front", "stitch", "behind")
@@ -64,7 +65,7 @@ class BlobStore:
         self.root = Path(root)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not valid_sha256(sha256):
             raise IntegrityError(f"not a sha256 digest: {sha256[:80]!r}")
         return self.root / sha256
 
@@ -151,11 +152,12 @@ def export_variant(model, variant_id: str, version: int, architecture: dict, sto
 
 
 def with_new_stitch(manifest: Manifest, stitch_state: dict[str, torch.Tensor], store: BlobStore,
-                    record: dict | None = None) -> Manifest:
-    """The next version of a variant: same blocks, a new stitching-layer blob."""
+                    record: dict) -> Manifest:
+    """The next version of a variant: same blocks, a new stitching-layer blob, the new version's `record`.
+    Catalogs publish through `Catalog.publish_stitch`, which checks versions and weights first."""
     data = tensors_to_bytes(stitch_state)
     old = manifest.stitch_block()
     new = BlockRef("stitch", old.index, store.put(data), len(data))
     blocks = [new if b.role == "stitch" else b for b in manifest.blocks]
     return Manifest(manifest.variant_id, manifest.version + 1, manifest.architecture, blocks,
-                    dict(record if record is not None else manifest.record))
+                    dict(record))

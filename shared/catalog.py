@@ -2,18 +2,37 @@
 
 `catalog.json` (schema `restnet.catalog/1`, documented in docs/CATALOG.md) is plain data; the model is only
 rebuilt from a record's architecture when needed (`shared.variants`).
+
+Several writers may hold the same catalog folder (the coordinator, a federated run, `restnet stitch-train`), so
+a new version of a variant is made in one place only, `Catalog.publish_stitch`: under the folder's lock, against
+catalog.json as it is on disk, refusing a writer whose update was made from a version that is no longer current.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shared.artifacts import BlobStore, Manifest, atomic_write
-from shared.errors import ConfigError, IntegrityError
+import torch
+
+from shared.artifacts import BlobStore, Manifest, atomic_write, bytes_to_tensors, with_new_stitch
+from shared.errors import ConfigError, IntegrityError, RestnetError
 
 CATALOG_SCHEMA = "restnet.catalog/1"
+LOCK_FILE = ".lock"
+
+
+class StaleVersion(RestnetError):
+    """A new version was made from a version of the variant that another writer has replaced meanwhile."""
+
+
+def manifest_path(variant_id: str, version: int) -> str:
+    """Where a variant version's manifest lives, relative to the catalog folder (and to the coordinator's URL)."""
+    return f"manifests/{variant_id}/v{version}.json"
 
 
 @dataclass
@@ -41,6 +60,10 @@ class VariantRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def manifest_record(self) -> dict:
+        """The record as a manifest of this version carries it (without the fields that point at the manifest)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("manifest", "manifest_sha256")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VariantRecord":
@@ -101,9 +124,38 @@ class Catalog:
 
     def add_manifest(self, rec: VariantRecord, manifest: Manifest) -> None:
         """Write a variant's manifest and point its record at it (record.version follows the manifest)."""
-        rel = f"manifests/{manifest.variant_id}/v{manifest.version}.json"
+        rel = manifest_path(manifest.variant_id, manifest.version)
         atomic_write(self.root / rel, manifest.to_bytes())
         rec.version, rec.manifest, rec.manifest_sha256 = manifest.version, rel, manifest.sha256
+
+    def publish_stitch(self, variant_id: str, stitch: Mapping[str, torch.Tensor], accuracy: float | None,
+                       base_version: int) -> Manifest:
+        """Make `stitch` the next version of a variant whose current version is `base_version`; return its manifest.
+
+        Under the catalog folder's lock and against catalog.json as it is on disk (this object's copy may be
+        old): an update made from a version that is no longer current is refused with StaleVersion, weights that
+        do not fit the variant's stitch with IntegrityError. The manifest's record carries the new version and
+        accuracy; then catalog.json is replaced. This object then holds the catalog as written, other writers'
+        versions included."""
+        with locked(self.root):
+            disk = Catalog.load(self.root)
+            try:
+                rec = disk.get(variant_id)
+            except KeyError:
+                raise RestnetError(f"no variant {variant_id!r} in {self.root}") from None
+            if rec.version != base_version:
+                raise StaleVersion(f"{variant_id} is at version {rec.version} in the catalog; this update was made "
+                                   f"from version {base_version}", "train again from the current version")
+            manifest = disk.manifest(variant_id)
+            _check_same_layout(bytes_to_tensors(disk.store.read(manifest.stitch_block().sha256)), stitch)
+            if accuracy is not None:
+                rec.accuracy = accuracy
+            rec.version += 1
+            new = with_new_stitch(manifest, stitch, disk.store, rec.manifest_record())
+            disk.add_manifest(rec, new)
+            disk.save()
+        self.variants = disk.variants
+        return new
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("root", "variants")}
@@ -140,6 +192,30 @@ class Catalog:
 
     def load_cka(self) -> dict:
         return json.loads((self.root / self.cka_file).read_text())
+
+
+@contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """An exclusive lock on a catalog folder, across processes (flock on `<root>/.lock`)."""
+    with open(Path(root) / LOCK_FILE, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_same_layout(current: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
+    """New stitch weights must have the variant's tensors: the same names, shapes and dtypes, finite values."""
+    if set(current) != set(new):
+        raise IntegrityError(f"stitch tensors {sorted(new)[:8]} differ from the variant's {sorted(current)[:8]}")
+    for name, t in new.items():
+        ref = current[name]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+            raise IntegrityError(f"stitch tensor {name}: {getattr(t, 'dtype', type(t).__name__)}"
+                                 f"{list(getattr(t, 'shape', []))}, expected {ref.dtype}{list(ref.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise IntegrityError(f"stitch tensor {name} has non-finite values")
 
 
 def _finite(obj):

@@ -70,7 +70,7 @@ def test_new_version_changes_only_the_stitch_blob(tiny_catalog, tmp_path):
     store = copy_store(tiny_catalog, tmp_path)
     model = load_variant(manifest, store)
     state = {k: v + 0.01 for k, v in model.stitch_state().items()}
-    new = with_new_stitch(manifest, state, store)
+    new = with_new_stitch(manifest, state, store, {**manifest.record, "version": manifest.version + 1})
     assert new.version == manifest.version + 1
     changed = [(a.role, a.sha256 != b.sha256) for a, b in zip(manifest.blocks, new.blocks)]
     assert [r for r, diff in changed if diff] == ["stitch"]

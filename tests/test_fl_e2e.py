@@ -14,14 +14,15 @@ from flwr.app import ArrayRecord
 from client.fl_client import HISTORY
 from shared.node_data import NodeData, install_from_catalog
 from shared.processes import HOST, port_free
-from client.supernode import SuperNode, node_config_arg
+from client.supernode import SuperNode, write_node_config
 from server.fl_runner import SuperLink, commit_results, flwr_run
 from shared.artifacts import BlobStore, Manifest, bytes_to_tensors
 from shared.variants import load_variant
 from shared.catalog import Catalog
 from shared.config import DataConfig, PartitionConfig
 from shared.errors import ConfigError
-from shared.updates import INT8, encode_delta
+from shared.updates import encode_delta
+from shared.vocabulary import INT8
 
 DATA = DataConfig(dataset="digits", image_size=32, channels=1)
 
@@ -49,9 +50,9 @@ def _history(device_dir) -> dict[int, dict]:
 def test_node_config_survives_flowers_own_parser(tmp_path):
     from flwr.common.config import parse_config_args  # what flower-supernode applies to --node-config
 
-    node = NodeData(tmp_path / "dev 1", DataConfig(dataset="imagefolder", root=str(tmp_path / "my images")), 2, 5,
-                    PartitionConfig("dirichlet", 0.3, 7))
-    parsed = parse_config_args([node_config_arg(node.to_node_config())])
+    node = NodeData(tmp_path / "dev 1", DataConfig(dataset="imagefolder", root=str(tmp_path / 'my "quoted" images')),
+                    2, 5, PartitionConfig("dirichlet", 0.3, 7))
+    parsed = parse_config_args([str(write_node_config(node))])
     assert parsed == node.to_node_config()
     assert NodeData.from_node_config(parsed) == node
 
@@ -144,8 +145,8 @@ def test_two_variants_two_rounds_with_a_node_killed_mid_round(tiny_catalog, tmp_
             assert entry["received_sha256"] == expected
 
     # Closing the loop: new versions in the catalog; delivering one to a device adds only the stitch blob.
-    committed = dict(commit_results(catalog_dir, out))
-    assert committed == {vid: 2 for vid in variants}
+    committed, refused = commit_results(catalog_dir, out)
+    assert dict(committed) == {vid: 2 for vid in variants} and refused == []
     catalog = Catalog.load(catalog_dir)
     for d, vid in assigned.items():
         before = set(p.name for p in (d / "blobs").iterdir())

@@ -21,9 +21,10 @@ from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignme
 from client.download import fetch_blob
 from client.fleet_sim import settled, wait_settled
 from shared.artifacts import BlobStore, Manifest, bytes_to_tensors, sha256_bytes, tensors_to_bytes
-from shared.variants import load_variant
+from shared.catalog import Catalog
 from shared.errors import IntegrityError
 from shared.messages import Enroll, Profile, decode_desired, encode, topic
+from shared.variants import load_variant
 
 
 def blob_requests(coordinator) -> float:
@@ -89,7 +90,7 @@ def test_a_budget_change_reassigns_and_fetches_only_missing_blocks(broker_fleet,
     assert_assignment_ok(synthetic_catalog, profile_of(device), first.assignment.variant_id)
     before = blob_requests(coordinator)
 
-    bigger = Profile(200.0, 2.0, 10.0, "test")
+    bigger = Profile(200.0, 2.0, 10.0, agent_version="test")
     agent.update_profile(bigger)
     assert agent.wait(settled, 20)
     second = agent.desired
@@ -99,7 +100,7 @@ def test_a_budget_change_reassigns_and_fetches_only_missing_blocks(broker_fleet,
     new = {b.sha256 for b in synthetic_catalog.manifest(second.assignment.variant_id).blocks}
     assert blob_requests(coordinator) - before == len(new - old) > 0
 
-    agent.update_profile(Profile(210.0, 2.0, 10.0, "test"))  # a new budget with the same best variant
+    agent.update_profile(Profile(210.0, 2.0, 10.0, agent_version="test"))  # a new budget with the same best variant
     assert agent.wait(settled, 20)
     assert agent.desired.version == second.version and agent.desired.assignment == second.assignment
     assert metric(coordinator, "fleet_enrollments_total", result="unchanged") == 1
@@ -171,7 +172,7 @@ def test_agent_and_coordinator_recover_from_broker_loss(tmp_path, synthetic_cata
     observer.subscribe(topic(DEVICES[0].id, "desired"))
     message = observer.next_message(timeout=20)
     assert message is not None and decode_desired(DEVICES[0].id, message[1]) == agent.desired
-    bigger = Profile(200.0, 2.0, 10.0, "test")
+    bigger = Profile(200.0, 2.0, 10.0, agent_version="test")
     agent.update_profile(bigger)
     assert agent.wait(settled, 30)
     assert_assignment_ok(synthetic_catalog, bigger, agent.desired.assignment.variant_id)
@@ -200,19 +201,22 @@ def test_aggregated_stitch_becomes_a_new_version_that_only_moves_the_stitch(tmp_
 
     bad_shape = {k: torch.zeros(3) for k in stitch}
     nan = {k: torch.full_like(v, float("nan")) for k, v in stitch.items()}
-    for target, body, code in [(url + "?accuracy=0.5", tensors_to_bytes(bad_shape), 400),
-                               (url + "?accuracy=0.5", tensors_to_bytes(nan), 400),
-                               (url + "?accuracy=0.5", b"not safetensors", 400),
-                               (url + "?accuracy=1.5", tensors_to_bytes(stitch), 400),
-                               (url, tensors_to_bytes(stitch), 400),
-                               (url.replace(vid, "no-such-variant") + "?accuracy=0.5", tensors_to_bytes(stitch), 404)]:
+    for target, body, code in [(url + "?accuracy=0.5&base_version=1", tensors_to_bytes(bad_shape), 400),
+                               (url + "?accuracy=0.5&base_version=1", tensors_to_bytes(nan), 400),
+                               (url + "?accuracy=0.5&base_version=1", b"not safetensors", 400),
+                               (url + "?accuracy=1.5&base_version=1", tensors_to_bytes(stitch), 400),
+                               (url + "?base_version=1", tensors_to_bytes(stitch), 400),
+                               (url + "?accuracy=0.5", tensors_to_bytes(stitch), 400),
+                               (url + "?accuracy=0.5&base_version=0", tensors_to_bytes(stitch), 409),
+                               (url.replace(vid, "no-such-variant") + "?accuracy=0.5&base_version=1",
+                                tensors_to_bytes(stitch), 404)]:
         status, reply, _ = http(target, body)
         assert status == code and "error" in json.loads(reply)
     assert synthetic_catalog.get(vid).version == 1
 
     before = blob_requests(coordinator)
     trained = {k: v + 0.01 for k, v in stitch.items()}
-    status, reply, _ = http(url + "?accuracy=0.85", tensors_to_bytes(trained))
+    status, reply, _ = http(url + "?accuracy=0.85&base_version=1", tensors_to_bytes(trained))
     assert status == 200, reply
     answer = json.loads(reply)
     assert answer["version"] == 2 and answer["devices"] == 1
@@ -228,6 +232,24 @@ def test_aggregated_stitch_becomes_a_new_version_that_only_moves_the_stitch(tmp_
     assert record["version"] == 2 and record["accuracy"] == 0.85
     assert metric(coordinator, "fleet_variant_accuracy", variant=vid) == 0.85
     assert metric(coordinator, "fleet_stitch_updates_total") == 1
+    status, reply, _ = http(url + "?accuracy=0.9&base_version=1", tensors_to_bytes(stitch))  # made from v1: stale
+    assert status == 409 and "at version 2" in json.loads(reply)["error"]
+
+
+def test_a_version_another_writer_publishes_reaches_the_devices(tmp_path, embedded_broker_url, synthetic_catalog,
+                                                                fleet_coordinator, device_agents):
+    fleet = fleet_config(tmp_path, embedded_broker_url)
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    agent = device_agents(fleet, DEVICES[1])
+    assert agent.wait(settled, 20)
+    vid = agent.desired.assignment.variant_id
+    other = Catalog.load(synthetic_catalog.root)  # `restnet stitch-train --save` on the catalog the coordinator serves
+    old = other.manifest(vid)
+    stitch = {k: v + 0.01 for k, v in bytes_to_tensors(other.store.read(old.stitch_block().sha256)).items()}
+    new = other.publish_stitch(vid, stitch, 0.88, base_version=1)
+    assert agent.wait(lambda a: settled(a) and a.installed.version == 2, 20)
+    assert agent.installed.sha256 == new.sha256
+    assert metric(coordinator, "fleet_variant_accuracy", variant=vid) == 0.88
 
 
 def test_fl_reports_feed_metrics_once(tmp_path, embedded_broker_url, synthetic_catalog, fleet_coordinator):

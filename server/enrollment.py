@@ -1,0 +1,94 @@
+"""What the coordinator does with device messages: registry rows in, desired states out.
+
+Enrollment is idempotent on (device id, request id): a repeated request gets the stored answer again. A device's
+desired-state version moves only when what it should run changes (another variant, a new version of its variant,
+a refusal). Status, presence and heartbeats only update the registry. Everything here runs on the transport's
+worker, inside its transaction: answers are published after they are committed.
+"""
+from __future__ import annotations
+
+import uuid
+
+from server.metrics import FleetMetrics
+from server.registry import DeviceRow, Registry
+from server.transport import Incoming, Outgoing
+from server.versioning import VariantVersions
+from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageError, Presence, Profile, Refusal, Status,
+                             decode, encode, parse_topic, topic)
+
+DEVICE_TOPICS = ("enroll", "status", "state", "heartbeat")  # what devices publish and the coordinator reads
+
+
+class Enrollment:
+    def __init__(self, registry: Registry, variants: VariantVersions, metrics: FleetMetrics):
+        self.registry, self.variants, self.metrics = registry, variants, metrics
+
+    def handle(self, item: Incoming, out: list[Outgoing], now: float) -> None:
+        """One device message: validated, applied to the registry; answers and errors appended to `out`."""
+        try:
+            device_id, kind = parse_topic(item.topic)
+            msg = decode(kind, device_id, item.payload)
+        except MessageError as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            if exc.code != "bad_topic":
+                out.append(Outgoing(topic(device_id, "error"),
+                                    encode(ErrorReply(exc.code, exc.message, exc.request_id)), False))
+            return
+        if isinstance(msg, Enroll):
+            self._enroll(msg, out, now, item.arrived)
+        elif isinstance(msg, Status):
+            self.metrics.status_reports.labels(msg.state).inc()
+            self.registry.set_state(msg.device_id, msg.assignment_id, msg.state.lower(), msg.reason, now)
+        elif isinstance(msg, Presence):
+            self.registry.set_presence(msg.device_id, "online" if msg.online else "offline", msg.seq, now)
+        elif isinstance(msg, Heartbeat):
+            self.registry.touch(msg.device_id, now)
+
+    def _enroll(self, msg: Enroll, out: list[Outgoing], now: float, arrived: float) -> None:
+        prev = self.registry.get(msg.device_id)
+        if prev is not None and self.registry.seen_request(prev.id, msg.request_id):
+            dev, result = prev, "duplicate"
+        else:
+            dev, result = self._assign(msg.device_id, msg.profile, msg.request_id, prev, now)
+            self.registry.put(dev)
+        self.metrics.enrollments.labels(result).inc()
+        out.append(Outgoing(topic(dev.id, "desired"), dev.desired, True, arrived))
+
+    def _assign(self, device_id: str, profile: Profile, request_id: str, prev: DeviceRow | None,
+                now: float) -> tuple[DeviceRow, str]:
+        """The device's next row and desired state; the version moves only when what it should run changes."""
+        choice = self.variants.assigner.choose(profile)
+        assignment, refusal = (None, choice) if isinstance(choice, Refusal) else \
+            (self.variants.assignment(choice.id), None)
+        variant = (assignment.variant_id, assignment.variant_version) if assignment else (None, None)
+        if prev is not None and (prev.variant_id, prev.variant_version) == variant:
+            version, assignment_id, state, reason = prev.version, prev.assignment_id, prev.state, prev.reason
+            result = "unchanged" if assignment else "refused"
+        else:
+            version, assignment_id, reason = (prev.version + 1 if prev else 1), uuid.uuid4().hex[:16], None
+            state = "assigned" if assignment else "refused"
+            result = "refused" if refusal else ("assigned" if prev is None else "reassigned")
+        desired = encode(Desired(device_id, version, assignment_id, request_id, assignment, refusal))
+        row = DeviceRow(device_id, profile, request_id, version, assignment_id, variant[0], variant[1], desired,
+                        state, reason, prev.enrolled_at if prev else now, now)
+        return row, result
+
+    def follow_new_version(self, variant_id: str, out: list[Outgoing], now: float) -> int:
+        """Devices that run an older version of `variant_id` get a new desired state (the best variant for their
+        profile now, normally the new version); returns how many."""
+        current = self.variants.catalog.get(variant_id).version
+        moved = 0
+        for prev in self.registry.on_variant(variant_id):
+            if prev.variant_version is not None and prev.variant_version >= current:
+                continue  # already told (by this coordinator or another one sharing the registry)
+            row, _ = self._assign(prev.id, prev.profile, prev.request_id, prev, now)
+            self.registry.put(row)
+            out.append(Outgoing(topic(row.id, "desired"), row.desired, True))
+            moved += 1
+        return moved
+
+    def republish_all(self, out: list[Outgoing], now: float) -> int:
+        """Every device's retained desired state again (for a broker that lost them)."""
+        rows = self.registry.all_desired()
+        out.extend(Outgoing(topic(device_id, "desired"), desired, True) for device_id, desired in rows)
+        return len(rows)

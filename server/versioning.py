@@ -1,0 +1,79 @@
+"""The catalog a coordinator serves, kept current: what each variant's assignment says, and new versions.
+
+New versions come from two places: a federated run that hands the coordinator an aggregated stitch (`publish`,
+through the catalog's one publish path, `Catalog.publish_stitch`), and other writers of the same catalog folder
+(`restnet stitch-train --save`, `restnet fl run` without a coordinator, another coordinator) noticed by `refresh`.
+Either way the caller then moves the devices on a changed variant to its new version.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from server.assignment import Assigner
+from shared.artifacts import Manifest
+from shared.catalog import Catalog, manifest_path
+from shared.messages import Assignment
+
+log = logging.getLogger("restnet.coordinator")
+
+
+class VariantVersions:
+    def __init__(self, catalog: Catalog, memory_margin: float, public_url: str = ""):
+        self.memory_margin, self.public_url = memory_margin, public_url
+        self._adopt(catalog)
+
+    def _adopt(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.assigner = Assigner(catalog.variants, self.memory_margin)
+        self._assignments: dict[str, Assignment] = {}
+        self._stamp = _stamp(catalog.root)
+
+    def assignment(self, variant_id: str) -> Assignment:
+        """What a desired state says about the variant's current version: where its manifest is, its sha256."""
+        if variant_id not in self._assignments:
+            m = self.catalog.manifest(variant_id)
+            url = f"{self.public_url}/{manifest_path(variant_id, m.version)}"
+            self._assignments[variant_id] = Assignment(variant_id, m.version, url, m.sha256, m.total_bytes)
+        return self._assignments[variant_id]
+
+    def accuracies(self) -> dict[str, float]:
+        return {r.id: r.accuracy for r in self.catalog.variants if r.accuracy is not None and math.isfinite(r.accuracy)}
+
+    def publish(self, variant_id: str, stitch: Mapping[str, torch.Tensor], accuracy: float,
+                base_version: int) -> tuple[Manifest, set[str]]:
+        """A variant's next version from aggregated stitch weights trained from `base_version`. Returns its
+        manifest and every variant whose version moved (other writers' included). Raises StaleVersion when the
+        catalog has moved on, IntegrityError for weights that do not fit."""
+        before = self._versions()
+        manifest = self.catalog.publish_stitch(variant_id, stitch, accuracy, base_version)
+        self._adopt(self.catalog)
+        log.info("%s: version %d published (accuracy %.4f)", variant_id, manifest.version, accuracy)
+        return manifest, self._moved_since(before)
+
+    def refresh(self) -> set[str]:
+        """Reload the catalog if another writer changed it; returns the variants whose version moved."""
+        if _stamp(self.catalog.root) == self._stamp:
+            return set()
+        before = self._versions()
+        self._adopt(Catalog.load(self.catalog.root))
+        moved = self._moved_since(before)
+        if moved:
+            log.info("the catalog changed on disk: new versions of %s", ", ".join(sorted(moved)))
+        return moved
+
+    def _moved_since(self, before: dict[str, int]) -> set[str]:
+        return {v for v, n in self._versions().items() if before.get(v) != n}
+
+    def _versions(self) -> dict[str, int]:
+        return {r.id: r.version for r in self.catalog.variants}
+
+
+def _stamp(root: Path) -> tuple:
+    """What changes whenever catalog.json is replaced (every write renames a new file over it)."""
+    st = (Path(root) / "catalog.json").stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size

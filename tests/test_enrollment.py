@@ -1,0 +1,68 @@
+"""Enrollment and variant versioning on their own: a real SQLite registry and a real catalog, no broker."""
+from __future__ import annotations
+
+import json
+
+from fleet_helpers import (DEVICES, MARGIN, _synthetic_catalog_template, assert_assignment_ok,  # noqa: F401
+                           profile_of, synthetic_catalog)
+from server.enrollment import Enrollment
+from server.metrics import FleetMetrics
+from server.registry import Registry
+from server.transport import Incoming
+from server.versioning import VariantVersions
+from shared.artifacts import bytes_to_tensors
+from shared.catalog import Catalog
+from shared.messages import Enroll, decode_desired, decode_error, encode, topic
+
+
+def parts(tmp_path, catalog):
+    registry = Registry(tmp_path / "fleet.db")
+    versions = VariantVersions(catalog, MARGIN, "http://coordinator:1")
+    return registry, versions, Enrollment(registry, versions, FleetMetrics(registry))
+
+
+def enroll(enrollment, registry, device, request_id="r1", now=1.0):
+    out = []
+    msg = Enroll(device.id, request_id, profile_of(device))
+    with registry.transaction():
+        enrollment.handle(Incoming(topic(device.id, "enroll"), encode(msg), 1, 1, 0.0), out, now)
+    return out
+
+
+def test_enrollment_assigns_answers_repeats_and_rejects(tmp_path, synthetic_catalog):
+    registry, _, enrollment = parts(tmp_path, synthetic_catalog)
+    for device in DEVICES:
+        (answer,) = enroll(enrollment, registry, device)
+        desired = decode_desired(device.id, answer.payload)
+        assert answer.retain and answer.topic == topic(device.id, "desired")
+        assert_assignment_ok(synthetic_catalog, profile_of(device), desired.assignment.variant_id)
+        assert desired.assignment.manifest_url.startswith("http://coordinator:1/manifests/")
+    again = enroll(enrollment, registry, DEVICES[0])  # the same request: the stored answer, nothing new
+    assert again[0].payload == registry.get(DEVICES[0].id).desired
+
+    out = []
+    with registry.transaction():
+        enrollment.handle(Incoming(topic("dev-x", "enroll"), b'{"v": 1}', 2, 1, 0.0), out, 1.0)
+    assert decode_error(out[0].payload).code == "schema" and registry.get("dev-x") is None
+
+
+def test_a_version_published_by_another_writer_reaches_the_devices_on_it(tmp_path, synthetic_catalog):
+    registry, versions, enrollment = parts(tmp_path, synthetic_catalog)
+    device = DEVICES[1]
+    enroll(enrollment, registry, device)
+    row = registry.get(device.id)
+    assert versions.refresh() == set()  # nothing changed on disk
+
+    other = Catalog.load(synthetic_catalog.root)  # e.g. `restnet stitch-train --save` on the same folder
+    manifest = other.manifest(row.variant_id)
+    stitch = {k: v + 0.01 for k, v in bytes_to_tensors(other.store.read(manifest.stitch_block().sha256)).items()}
+    other.publish_stitch(row.variant_id, stitch, 0.95, base_version=1)
+
+    assert versions.refresh() == {row.variant_id}
+    out = []
+    with registry.transaction():
+        assert enrollment.follow_new_version(row.variant_id, out, 2.0) == 1
+        assert enrollment.follow_new_version(row.variant_id, [], 3.0) == 0  # told once
+    desired = decode_desired(device.id, out[0].payload)
+    assert desired.version == row.version + 1 and desired.assignment.variant_version == 2
+    assert json.loads(registry.get(device.id).desired)["assignment"]["variant_version"] == 2
