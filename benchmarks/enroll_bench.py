@@ -41,8 +41,8 @@ MIB = 1 << 20
 MARGIN = 0.2
 # (id, memory MiB, fine-tune MiB, latency ms, accuracy)
 VARIANTS = [("bench.small", 8, 4, 2.0, 0.70), ("bench.mid", 24, 8, 5.0, 0.80), ("bench.large", 64, 16, 12.0, 0.90)]
-PROFILES = [Profile(20, 1.0, None, "bench"), Profile(50, 0.5, 20.0, "bench"), Profile(200, 2.0, 10.0, "bench"),
-            Profile(10, 1.0, None, "bench")]  # the last fits nothing: refusals are answers too
+PROFILES = [Profile(20, 1.0, None, agent_version="bench"), Profile(50, 0.5, 20.0, agent_version="bench"), Profile(200, 2.0, 10.0, agent_version="bench"),
+            Profile(10, 1.0, None, agent_version="bench")]  # the last fits nothing: refusals are answers too
 
 
 def build_catalog(root: Path) -> Catalog:

@@ -47,7 +47,8 @@ from shared.catalog import Catalog
 from shared.config import PartitionConfig, load_config
 from shared.datasets import load_splits
 from shared.training import evaluate, finetune_stitch
-from shared.updates import FLOAT16, INT8, UPDATE_FORMATS, encode_delta
+from shared.updates import encode_delta
+from shared.vocabulary import FLOAT16, INT8, UPDATE_FORMATS
 
 
 def ensure_catalog(config: str, root: Path) -> Catalog:

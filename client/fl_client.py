@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from shared.node_data import NodeData
 from shared.errors import IntegrityError, RestnetError
+from shared.vocabulary import FLOAT16, UPDATE_FORMATS
 
 CURRENT = "current.json"
 HISTORY = "fl_history.jsonl"
@@ -46,14 +47,12 @@ class TrainRequest:
     epochs: int
     lr: float
     batch_size: int
-    update_format: str = "delta-float16/1"  # shared.updates.FLOAT16 (not imported here: it brings torch)
+    update_format: str = FLOAT16
 
     @classmethod
     def from_record(cls, cfg) -> "TrainRequest":
         """Refuses a request for an update format this device cannot produce (a server of another release).
         A request without one comes from the release before formats were named, which wanted float16."""
-        from shared.updates import FLOAT16, UPDATE_FORMATS
-
         wanted = str(cfg.get("update-format", FLOAT16))
         if wanted not in UPDATE_FORMATS.values():
             raise RestnetError(f"the server asks for updates in format {wanted}; this device sends "

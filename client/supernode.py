@@ -1,32 +1,33 @@
 """A device's Flower SuperNode, started after a variant is installed (a `shared.processes.ManagedProcess`, so
 stopping it stops its `flower-superexec` and ClientApp processes too).
 
-The SuperNode's node config points at the device folder and its data (`shared.node_data.NodeData`); its Flower
-state (the installed app bundles) lives in `<device-dir>/flwr` and its log in `<device-dir>/supernode.log`.
+The SuperNode's node config (`<device-dir>/node-config.toml`) points at the device folder and its data
+(`shared.node_data.NodeData`); its Flower state (the installed app bundles) lives in `<device-dir>/flwr` and its
+log in `<device-dir>/supernode.log`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import tomli_w
+
+from shared.artifacts import atomic_write
 from shared.node_data import NodeData
 from shared.processes import ManagedProcess, flower_executable, free_port
-from shared.errors import RestnetError
 
 log = logging.getLogger(__name__)
+NODE_CONFIG = "node-config.toml"
 
 
-def node_config_arg(cfg: dict) -> str:
-    """`key="value" n=3` as `flower-supernode --node-config` expects (strings quoted, TOML scalars otherwise)."""
-    parts = []
-    for key, value in cfg.items():
-        if isinstance(value, str) and '"' in value:
-            raise RestnetError(f"node config value of {key} may not contain a double quote: {value!r}")
-        parts.append(f"{key}={json.dumps(value)}")
-    return " ".join(parts)
+def write_node_config(node: NodeData) -> Path:
+    """The node config as a TOML file in the device folder (`flower-supernode --node-config FILE.toml` reads it):
+    paths with spaces or quotes need no escaping of ours."""
+    path = node.device_dir / NODE_CONFIG
+    atomic_write(path, tomli_w.dumps(node.to_node_config()).encode())
+    return path
 
 
 class SuperNode:
@@ -51,7 +52,7 @@ class SuperNode:
         """Start the SuperNode; with `wait`, return once it is up (start many with wait=False, then wait_ready)."""
         device_dir = self.node.device_dir
         cmd = [flower_executable("flower-supernode"), *self.security, "--superlink", self.superlink,
-               "--port", str(self.port), "--node-config", node_config_arg(self.node.to_node_config())]
+               "--port", str(self.port), "--node-config", str(write_node_config(self.node))]
         self.process = ManagedProcess(f"supernode {device_dir.name}", cmd, device_dir / "supernode.log",
                                       env={"FLWR_HOME": str(device_dir / "flwr")}, ports=(self.port,))
         self.process.start()

@@ -75,7 +75,8 @@ def run(args) -> int:
     from shared.processes import free_port
     from client.supernode import SuperNodeManager
     from server.coordinator import Coordinator
-    from server.fl_runner import SuperLink, flwr_run, run_config
+    from server.fl_runner import SuperLink, flwr_run
+    from server.run_config import run_config
     from shared.catalog import Catalog
     from shared.config import load_config
 

@@ -66,7 +66,7 @@ def _partition(text: str) -> tuple[int, int]:
 def _device(args) -> int:
     from client.agent import DeviceAgent
     from client.profile import budget_changed, device_profile
-    from shared.messages import valid_device_id
+    from shared.vocabulary import valid_device_id
 
     cfg = _load(args)
     fleet = cfg.fleet

@@ -99,10 +99,8 @@ def _coordinator_url(args) -> tuple[str, str | None]:
         url = args.coordinator or "http://127.0.0.1:8780"
         return (url if "://" in url else f"http://{url}").rstrip("/"), None
 
-    f = load_config(args.config).fleet
-    host = "127.0.0.1" if f.http_host in ("0.0.0.0", "", "::") else f.http_host
-    url = f.http_public_url or f"{'https' if f.http_cert_file else 'http'}://{host}:{f.http_port}"
-    return url.rstrip("/"), f.http_ca_file
+    fleet = load_config(args.config).fleet
+    return fleet.public_url(), fleet.http_ca_file
 
 
 def _get_json(url: str, ca_file: str | None) -> tuple[object, float]:

@@ -15,13 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.updates import FLOAT16, WireError, apply_delta, decode_delta
+from shared.updates import WireError, apply_delta, decode_delta
+from shared.vocabulary import AGGREGATIONS, FLOAT16
 
-METHODS = ("fedavg", "trimmed_mean", "median")
-# Every reason an update can be refused for ("malformed", and "incompatible" for a reply in a format other than
-# the one asked for, are decided while reading a reply).
-REASONS = ("malformed", "incompatible", "wrong_variant", "wrong_keys", "wrong_dtype", "wrong_shape", "bad_examples",
-           "nan", "inf", "norm")
 
 
 @dataclass
@@ -146,14 +142,14 @@ def median(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def combine(deltas: list[dict[str, torch.Tensor]], weights: list[float], method: str,
             trim_fraction: float = 0.2) -> dict[str, torch.Tensor]:
-    """Combine changes with `method` (one of METHODS); the result is float64."""
+    """Combine changes with `method` (one of shared.vocabulary.AGGREGATIONS); the result is float64."""
     if method == "fedavg":
         return fedavg(deltas, weights)
     if method == "trimmed_mean":
         return trimmed_mean(deltas, trim_fraction)
     if method == "median":
         return median(deltas)
-    raise ValueError(f"unknown aggregation {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown aggregation {method!r}; expected one of {AGGREGATIONS}")
 
 
 def aggregate_variant(variant_id: str, current: dict[str, torch.Tensor], updates: list[Update],

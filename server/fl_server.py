@@ -30,61 +30,16 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from shared.node_data import data_from_flat
 from server.aggregation import Update, aggregate_variant
+from server.run_config import RunSettings
 from shared.artifacts import atomic_write, bytes_to_tensors, sha256_bytes, tensors_to_bytes
 from shared.variants import load_variant
 from shared.catalog import Catalog
-from shared.config import DataConfig
 from shared.errors import RestnetError
-from shared.updates import FLOAT16, UPDATE_FORMATS
+from shared.vocabulary import FLOAT16
 
 # Errors that mean "no answer from the node" (gone, or too late), as opposed to a node that answered with a failure.
 _UNAVAILABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
-
-
-@dataclass
-class RunSettings:
-    """The run config of `[tool.flwr.app.config]` (overridden per run by `restnet fl run`), typed."""
-
-    catalog: Path
-    data: DataConfig
-    rounds: int = 3
-    local_epochs: int = 1
-    lr: float = 0.05
-    batch_size: int = 32
-    aggregation: str = "fedavg"
-    update_format: str = FLOAT16  # what devices send back (shared.updates)
-    trim_fraction: float = 0.2
-    norm_bound: float = 100.0
-    round_timeout: float = 120.0
-    query_timeout: float = 30.0
-    min_nodes: int = 1
-    wait_nodes_timeout: float = 60.0
-    output_dir: Path | None = None
-    coordinator_url: str = ""
-    coordinator_token: str = ""  # sent as `Authorization: Bearer` (the fleet config's api_token)
-    coordinator_ca: str = ""  # CA file to verify an HTTPS coordinator ("" = the system's)
-
-    @classmethod
-    def from_run_config(cls, cfg: Mapping) -> "RunSettings":
-        if not cfg.get("catalog"):
-            raise RestnetError("run config `catalog` is empty", "pass the catalog folder: restnet fl run --catalog DIR")
-        update_format = str(cfg.get("update-format", FLOAT16))
-        if update_format not in UPDATE_FORMATS.values():
-            raise RestnetError(f"run config `update-format` is {update_format!r}",
-                               f"use one of {', '.join(UPDATE_FORMATS.values())}")
-        return cls(
-            catalog=Path(str(cfg["catalog"])), data=data_from_flat(cfg), rounds=int(cfg["num-server-rounds"]),
-            local_epochs=int(cfg["local-epochs"]), lr=float(cfg["learning-rate"]), batch_size=int(cfg["batch-size"]),
-            aggregation=str(cfg["aggregation"]), update_format=update_format, trim_fraction=float(cfg["trim-fraction"]),
-            norm_bound=float(cfg["norm-bound"]), round_timeout=float(cfg["round-timeout"]),
-            query_timeout=float(cfg["query-timeout"]), min_nodes=int(cfg["min-nodes"]),
-            wait_nodes_timeout=float(cfg["wait-nodes-timeout"]),
-            output_dir=Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None,
-            coordinator_url=str(cfg.get("coordinator-url", "")).rstrip("/"),
-            coordinator_token=str(cfg.get("coordinator-token", "")), coordinator_ca=str(cfg.get("coordinator-ca", "")),
-        )
 
 
 @dataclass
@@ -277,7 +232,8 @@ class Recorder:
         if self.url:
             for vid, v in sorted(variants.items()):
                 if v.improved:  # a failure here is the run's failure: the loop would stay open
-                    query = urllib.parse.urlencode({"accuracy": f"{v.best_accuracy:.6f}"})
+                    query = urllib.parse.urlencode({"accuracy": f"{v.best_accuracy:.6f}",
+                                                    "base_version": v.base_version})
                     answer = self._post(f"/api/variants/{urllib.parse.quote(vid, safe='')}/stitch?{query}",
                                         tensors_to_bytes(v.best), "application/octet-stream")
                     log(INFO, "coordinator accepted the new stitch of %s: %s", vid, answer)

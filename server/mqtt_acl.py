@@ -15,7 +15,8 @@ from pathlib import Path
 
 from shared.config import FleetConfig
 from shared.errors import ConfigError
-from shared.messages import TOPIC_ROOT, valid_device_id
+from shared.messages import TOPIC_ROOT
+from shared.vocabulary import valid_device_id
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 INFLIGHT = 1000

@@ -184,5 +184,5 @@ class Registry:
 
 def _row(r) -> DeviceRow:
     memory_mb, compute, latency_ms, agent_version = json.loads(r[1])
-    return DeviceRow(r[0], Profile(memory_mb, compute, latency_ms, agent_version), r[2], r[3], r[4], r[5], r[6],
+    return DeviceRow(r[0], Profile(memory_mb, compute, latency_ms, agent_version=agent_version), r[2], r[3], r[4], r[5], r[6],
                      r[7].encode(), r[8], r[9], r[10], r[11])

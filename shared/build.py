@@ -260,7 +260,7 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
             stitch_kind=stitch.kind, trainable_params=stats["trainable_params"], budgets=picked,
             accuracy=acc, accuracy_init=acc_init, **measured)
         arch = architecture_of(front_info, behind_info, front_cut, behind_cut, f_specs[a], b_specs[b])
-        catalog.add_manifest(rec, export_variant(model, vid, 1, arch, store, rec.to_dict()))
+        catalog.add_manifest(rec, export_variant(model, vid, 1, arch, store, rec.manifest_record()))
         catalog.variants.append(rec)
         log(f"[{n + 1}/{len(chosen)}] {vid}: cka {rec.cka:.3f}, {rec.params / 1e6:.3f}M params, "
             f"LS residual {residual:.3f}, accuracy {acc_init:.4f} -> {acc:.4f}")

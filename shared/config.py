@@ -1,87 +1,110 @@
-"""Fleet configs: YAML -> validated dataclasses, with every default in one place.
+"""Fleet configs: YAML -> validated dataclasses (pydantic), with every default in one place.
 
-Unknown keys are errors (a typo must not silently fall back to a default). `docs/CONFIG.md` documents every key.
+Unknown keys are errors (a typo must not silently fall back to a default), and so is a bool where a number
+belongs, a non-finite number, or a choice outside its vocabulary (`shared.vocabulary`). Every problem is one
+ConfigError naming the key. `docs/CONFIG.md` documents every key.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, StrictBool, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
+from pydantic.dataclasses import dataclass
 
 from shared.errors import ConfigError
-
-UPDATE_ENCODINGS = ("float16", "int8")  # the keys of shared.updates.UPDATE_FORMATS (which would import torch here)
-
-DIRECTIONS = ("slow_to_fast", "fast_to_slow")
-BUDGET_METRICS = ("params", "flops", "memory", "latency")
-STRATEGIES = ("stitch", "stitch+behind", "stitch+front", "full")
+from shared.vocabulary import (AGGREGATIONS, AUGMENTATIONS, BUDGET_METRICS, DATASETS, DIRECTIONS, PARTITIONS,
+                               STITCH_INITS, STRATEGIES, UPDATE_FORMATS, valid_device_id)
 
 
-@dataclass
+def _not_bool(value):
+    """YAML's true/false are not numbers (pydantic would read them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_type_for_number", "a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Direction = Literal[DIRECTIONS]
+BudgetMetric = Literal[BUDGET_METRICS]
+Dataset = Literal[DATASETS]
+StitchInit = Literal[STITCH_INITS]
+Augmentation = Literal[AUGMENTATIONS]
+Strategy = Literal[STRATEGIES]
+Aggregation = Literal[AGGREGATIONS]
+Partition = Literal[PARTITIONS]
+UpdateEncoding = Literal[tuple(UPDATE_FORMATS)]
+
+# Every section: unknown keys rejected, numbers finite, a number given for a text (a device id 7) taken as text.
+_section = dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True))
+
+
+@_section
 class TrainConfig:
     """Optimiser settings (SGD with momentum and cosine decay, as in the paper's CNN protocol)."""
 
-    epochs: int = 10
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    augment: str = "none"  # none | shift (random 2-pixel shifts) | shift+flip (also horizontal flips)
+    epochs: Int = 10
+    lr: Float = 0.05
+    momentum: Float = 0.9
+    weight_decay: Float = 5e-4
+    batch_size: Int = 64
+    augment: Augmentation = "none"  # none | shift (random 2-pixel shifts) | shift+flip (also horizontal flips)
 
 
-@dataclass
+@_section
 class ModelConfig:
     name: str = ""
     kwargs: dict = field(default_factory=dict)
-    pretrained: bool = False
+    pretrained: StrictBool = False
     checkpoint: str | None = None
     train: TrainConfig | None = None  # set -> train from scratch on the dataset when no checkpoint is given
 
 
-@dataclass
+@_section
 class CalibrationConfig:
-    examples: int = 256
-    repeats: int = 1
-    batch_size: int = 128
+    examples: Int = 256
+    repeats: Int = 1
+    batch_size: Int = 128
 
 
-@dataclass
+@_section
 class DataConfig:
-    dataset: str = "digits"  # digits | cifar10 | imagefolder
+    dataset: Dataset = "digits"
     root: str | None = None
-    download: bool = False
-    image_size: int = 32
-    channels: int = 3
-    val_fraction: float = 0.2
-    seed: int = 0
+    download: StrictBool = False
+    image_size: Int = 32
+    channels: Int = 3
+    val_fraction: Float = 0.2
+    seed: Int = 0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
-@dataclass
+@_section
 class CatalogConfig:
-    direction: str = "slow_to_fast"
-    budget_metric: str = "params"
-    budgets: list[float] = field(default_factory=list)  # empty -> `sweep` evenly spaced budgets
-    sweep: int = 6
-    init: str = "least_squares"  # least_squares | random
+    direction: Direction = "slow_to_fast"
+    budget_metric: BudgetMetric = "params"
+    budgets: list[Float] = field(default_factory=list)  # empty -> `sweep` evenly spaced budgets
+    sweep: Int = 6
+    init: StitchInit = "least_squares"
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05, weight_decay=0.0))
-    strategy: str = "stitch"
-    measure_latency: bool = True
+    strategy: Strategy = "stitch"
+    measure_latency: StrictBool = True
 
 
-@dataclass
+@_section
 class DeviceConfig:
     id: str = ""
-    memory_mb: float = 0.0
-    compute: float = 1.0  # relative compute score; 1.0 = the reference CPU
-    latency_ms: float | None = None
+    memory_mb: Float = 0.0
+    compute: Float = 1.0  # relative compute score; 1.0 = the reference CPU
+    latency_ms: Float | None = None
     password: str | None = None
 
 
-@dataclass
+@_section
 class BrokerConfig:
     url: str = "embedded"  # embedded | mqtt://host:port | mqtts://host:port
     username: str | None = None
@@ -89,15 +112,15 @@ class BrokerConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    max_payload: int = 64 * 1024
+    max_payload: Int = 64 * 1024
 
 
-@dataclass
+@_section
 class FleetConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     registry: str = "fleet.db"
     http_host: str = "127.0.0.1"
-    http_port: int = 8780
+    http_port: Int = 8780
     http_public_url: str | None = None  # base URL devices use for artifacts; default http(s)://host:port
     http_cert_file: str | None = None  # serve artifacts and the API over HTTPS with this certificate...
     http_key_file: str | None = None  # ...and key
@@ -105,39 +128,50 @@ class FleetConfig:
     api_token: str | None = None  # required as `Authorization: Bearer` on POST /api/... when set
     catalog: str = "catalog"  # the catalog folder the coordinator serves
     device_root: str = "devices"  # where `restnet device(s)` keep each device's installed variant
-    memory_margin: float = 0.2  # safety margin: a variant fits when (inference + fine-tune memory) x (1 + margin) <= device memory
-    heartbeat_s: float = 10.0
-    stale_after_s: float = 30.0
+    memory_margin: Float = 0.2  # safety margin: a variant fits when (inference + fine-tune memory) x (1 + margin) <= device memory
+    heartbeat_s: Float = 10.0
+    stale_after_s: Float = 30.0
     devices: list[DeviceConfig] = field(default_factory=list)
 
+    def public_url(self, port: int | None = None) -> str:
+        """The base URL devices and tools reach the coordinator's HTTP side at: `http_public_url`, else
+        http(s)://host:port on the port actually bound (a wildcard host means this machine)."""
+        if self.http_public_url:
+            return self.http_public_url.rstrip("/")
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "", "::") else self.http_host
+        return f"{'https' if self.http_cert_file else 'http'}://{host}:{port or self.http_port}"
 
-@dataclass
+
+@_section
 class PartitionConfig:
-    kind: str = "iid"  # iid | dirichlet
-    alpha: float = 0.5
-    seed: int = 0
+    kind: Partition = "iid"
+    alpha: Float = 0.5
+    seed: Int = 0
 
 
-@dataclass
+@_section
 class FederatedConfig:
-    rounds: int = 3
-    local_epochs: int = 1
-    lr: float = 0.05
-    batch_size: int = 32
-    aggregation: str = "fedavg"  # fedavg | trimmed_mean | median
-    update_encoding: str = "float16"  # float16 | int8: how devices send their change (shared.updates)
-    norm_bound: float = 100.0  # max ||update|| relative to ||current weights||
-    round_timeout_s: float = 120.0
+    rounds: Int = 3
+    local_epochs: Int = 1
+    lr: Float = 0.05
+    batch_size: Int = 32
+    aggregation: Aggregation = "fedavg"
+    update_encoding: UpdateEncoding = "float16"  # how devices send their change (shared.updates)
+    trim_fraction: Float = 0.2  # trimmed_mean: the share of largest and of smallest values dropped per coordinate
+    norm_bound: Float = 100.0  # max ||update|| relative to ||current weights||
+    round_timeout_s: Float = 120.0  # a node that has not answered a training request by then sits the round out
+    query_timeout_s: Float = 30.0  # the same for the question "which variant do you run?"
+    wait_nodes_timeout_s: Float = 60.0  # before round 1: how long to wait for the expected nodes to connect
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    superlink_port: int = 9091
+    superlink_port: Int = 9091
 
 
-@dataclass
+@_section
 class Config:
     name: str = "fleet"
     large: ModelConfig = field(default_factory=ModelConfig)
     small: ModelConfig = field(default_factory=ModelConfig)
-    num_classes: int = 10
+    num_classes: Int = 10
     data: DataConfig = field(default_factory=DataConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
@@ -149,69 +183,8 @@ class Config:
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
 
-def _build(cls, data: Any, where: str):
-    """Recursively turn a mapping into dataclass `cls`, rejecting unknown keys and wrong types."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(fields[name].type, value, f"{where}.{name}")
-    return cls(**kwargs)
-
-
-def _convert(type_str, value, where: str):
-    nested = {
-        "TrainConfig": TrainConfig, "ModelConfig": ModelConfig, "CalibrationConfig": CalibrationConfig,
-        "DataConfig": DataConfig, "CatalogConfig": CatalogConfig, "BrokerConfig": BrokerConfig,
-        "FleetConfig": FleetConfig, "PartitionConfig": PartitionConfig, "FederatedConfig": FederatedConfig,
-    }
-    t = str(type_str)
-    base = t.split(" | ")[0]
-    if value is None:
-        if "None" in t:
-            return None
-        raise ConfigError(f"{where}: must not be empty")
-    if base in nested:
-        return _build(nested[base], value, where)
-    if base == "list[DeviceConfig]":
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of devices")
-        return [_build(DeviceConfig, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    try:
-        if base == "int":
-            if isinstance(value, bool) or float(value) != int(value):
-                raise ValueError
-            return int(value)
-        if base == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if base == "str":
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if base == "dict":
-            if not isinstance(value, dict):
-                raise ValueError
-            return value
-        if base == "list[float]":
-            return [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {base}, got {value!r}") from None
-    raise AssertionError(f"unhandled config type {t}")
-
-
 def _check(cfg: Config) -> None:
+    """The rules between keys and on values, past what the types say."""
     def need(cond: bool, msg: str, hint: str = ""):
         if not cond:
             raise ConfigError(msg, hint)
@@ -219,18 +192,12 @@ def _check(cfg: Config) -> None:
     for role in ("large", "small"):
         m: ModelConfig = getattr(cfg, role)
         need(bool(m.name), f"{role}.name is required", "a timm model name such as resnet18 or cifar_vgg11")
-    need(cfg.catalog.direction in DIRECTIONS, f"catalog.direction must be one of {DIRECTIONS}")
-    need(cfg.catalog.budget_metric in BUDGET_METRICS, f"catalog.budget_metric must be one of {BUDGET_METRICS}")
-    need(cfg.catalog.init in ("least_squares", "random"), "catalog.init must be least_squares or random")
     for where, t in (("large.train", cfg.large.train), ("small.train", cfg.small.train),
                      ("catalog.finetune", cfg.catalog.finetune)):
         if t is not None:
-            need(t.augment in ("none", "shift", "shift+flip"), f"{where}.augment must be none, shift or shift+flip")
             need(t.epochs >= 0 and t.batch_size > 0 and t.lr > 0, f"{where}: epochs >= 0, batch_size > 0, lr > 0")
-    need(cfg.catalog.strategy in STRATEGIES, f"catalog.strategy must be one of {STRATEGIES}")
     need(cfg.catalog.sweep >= 1 or bool(cfg.catalog.budgets), "catalog.sweep must be >= 1 when no budgets are given")
     need(all(b > 0 for b in cfg.catalog.budgets), "catalog.budgets must be positive")
-    need(cfg.data.dataset in ("digits", "cifar10", "imagefolder"), "data.dataset must be digits, cifar10 or imagefolder")
     need(cfg.data.dataset != "imagefolder" or bool(cfg.data.root), "data.root is required for imagefolder")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")
     need(cfg.data.calibration.examples > 3, "data.calibration.examples must be > 3 (CKA needs n > 3)")
@@ -240,15 +207,11 @@ def _check(cfg: Config) -> None:
     need(all(ids), "every fleet.devices entry needs an id")
     need(len(ids) == len(set(ids)), "fleet.devices ids must be unique")
     for d in cfg.fleet.devices:
-        need(all(c.isalnum() or c in "-_" for c in d.id) and len(d.id) <= 64,
+        need(valid_device_id(d.id),
              f"device id {d.id!r} may only hold letters, digits, '-' and '_' (it is an MQTT topic level)")
         need(d.memory_mb > 0 and d.compute > 0, f"device {d.id}: memory_mb and compute must be positive")
-    need(cfg.federated.aggregation in ("fedavg", "trimmed_mean", "median"),
-         "federated.aggregation must be fedavg, trimmed_mean or median")
-    need(cfg.federated.update_encoding in UPDATE_ENCODINGS,
-         f"federated.update_encoding must be {' or '.join(UPDATE_ENCODINGS)}")
-    need(cfg.federated.partition.kind in ("iid", "dirichlet"), "federated.partition.kind must be iid or dirichlet")
     need(cfg.federated.partition.alpha > 0, "federated.partition.alpha must be positive")
+    need(0.0 <= cfg.federated.trim_fraction < 0.5, "federated.trim_fraction must be in [0, 0.5)")
 
 
 def load_config(path: str | Path) -> Config:
@@ -260,14 +223,49 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    cfg = _build(Config, data or {}, path.name)
-    cfg.source = str(path)
-    _check(cfg)
-    return cfg
+    return parse_config(data or {}, path.name)
 
 
-def config_from_dict(data: dict, source: str = "<dict>") -> Config:
-    cfg = _build(Config, data, source)
+def parse_config(data: Any, source: str) -> Config:
+    """A fleet config from plain data (as YAML gives it); `source` names it in errors."""
+    try:
+        cfg = _CONFIG.validate_python(data)
+    except ValidationError as exc:
+        raise _config_error(exc, source) from None
     cfg.source = source
     _check(cfg)
     return cfg
+
+
+_CONFIG = TypeAdapter(Config)
+
+
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    """pydantic's first problem as one line naming the key, e.g. `fleet.yaml.data.image_size: expected int`."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = _key(source, first["loc"])
+    kind, value = first["type"], first.get("input")
+    if kind == "unexpected_keyword_argument":
+        parent = first["loc"][:-1]
+        unknown = sorted(str(e["loc"][-1]) for e in errors
+                         if e["type"] == "unexpected_keyword_argument" and e["loc"][:-1] == parent)
+        return ConfigError(f"{_key(source, parent)}: unknown key(s) {', '.join(unknown)}",
+                           "see docs/CONFIG.md for the keys")
+    if kind == "literal_error":
+        return ConfigError(f"{where} must be one of {first['ctx']['expected']}, got {value!r}")
+    if kind in ("dataclass_type", "dict_type", "dataclass_args_type"):
+        return ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    if value is None:
+        return ConfigError(f"{where}: must not be empty")
+    expected = {"int": "int", "float": "float", "bool_type_for": "a number", "bool": "bool", "string": "str",
+                "list": "a list", "finite": "a finite number"}
+    what = next((v for k, v in expected.items() if kind.startswith(k)), None)
+    if what is None:
+        return ConfigError(f"{where}: {first['msg']}, got {value!r}")
+    return ConfigError(f"{where}: expected {what}, got {value!r}")
+
+
+def _key(source: str, loc: tuple) -> str:
+    """A key's path as the user wrote it: `fleet.yaml.fleet.devices[0].id`."""
+    return "".join([source, *(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from shared.errors import IntegrityError
 from shared.specs import ActivationSpec
+from shared.vocabulary import STRATEGIES, TRAINABLE_PARTS
 
 MAX_LS_ROWS = 200_000  # rows of the least-squares problem; more are subsampled (deterministically)
 
@@ -191,19 +192,8 @@ def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, x_mean: torch.Tensor, 
     return weight, y_mean - weight @ x_mean
 
 
-# Which parts each of the paper's four fine-tuning strategies trains.
-_TRAINABLE = {
-    "stitch": ("stitch",),
-    "stitch+behind": ("stitch", "behind"),
-    "stitch+front": ("stitch", "front"),
-    "full": ("front", "stitch", "behind"),
-}
-
-
 class StitchedModel(nn.Module):
     """front blocks -> stitching layer -> behind blocks, with the paper's four fine-tuning strategies."""
-
-    STRATEGIES = tuple(_TRAINABLE)
 
     def __init__(self, front_blocks: Iterable[nn.Module], stitch: StitchingLayer, behind_blocks: Iterable[nn.Module]):
         super().__init__()
@@ -221,11 +211,11 @@ class StitchedModel(nn.Module):
 
     def set_strategy(self, strategy: str) -> int:
         """Freeze everything outside `strategy`; return the number of trainable parameters."""
-        if strategy not in _TRAINABLE:
-            raise ValueError(f"unknown fine-tuning strategy {strategy!r}; expected one of {self.STRATEGIES}")
+        if strategy not in TRAINABLE_PARTS:
+            raise ValueError(f"unknown fine-tuning strategy {strategy!r}; expected one of {STRATEGIES}")
         self.strategy = strategy
         for name in ("front", "stitch", "behind"):
-            getattr(self, name).requires_grad_(name in _TRAINABLE[strategy])
+            getattr(self, name).requires_grad_(name in TRAINABLE_PARTS[strategy])
         self.train(self.training)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
@@ -233,7 +223,7 @@ class StitchedModel(nn.Module):
         """Frozen parts stay in eval mode: their BatchNorm statistics and dropout must not change."""
         super().train(mode)
         for name in ("front", "behind"):
-            if name not in _TRAINABLE[self.strategy]:
+            if name not in TRAINABLE_PARTS[self.strategy]:
                 getattr(self, name).eval()
         return self
 

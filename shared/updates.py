@@ -21,9 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
-FLOAT16 = "delta-float16/1"
-INT8 = "delta-int8/1"
-UPDATE_FORMATS = {"float16": FLOAT16, "int8": INT8}  # fleet config `federated.update_encoding` -> format id
+from shared.vocabulary import FLOAT16, INT8, UPDATE_FORMATS
+
 SCALE = "#scale"  # suffix of an int8 tensor's row scales (PyTorch parameter names never hold '#')
 
 

@@ -28,9 +28,9 @@ def tiny_config_dict() -> dict:
 def tiny_catalog(tmp_path_factory):
     """A catalog folder (catalog.json, cka.json, blobs/, manifests/) with at least two variants."""
     from shared.build import build_catalog
-    from shared.config import config_from_dict
+    from shared.config import parse_config
 
     out = tmp_path_factory.mktemp("tiny-catalog")
-    report = build_catalog(config_from_dict(tiny_config_dict(), "tiny"), out, progress=False, log=lambda m: None)
+    report = build_catalog(parse_config(tiny_config_dict(), "tiny"), out, progress=False, log=lambda m: None)
     assert len(report.catalog.variants) >= 2, "the tiny config must yield at least two variants"
     return report.catalog

@@ -55,7 +55,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def profile_of(d: DeviceConfig) -> Profile:
-    return Profile(d.memory_mb, d.compute, d.latency_ms, "test")
+    return Profile(d.memory_mb, d.compute, d.latency_ms, agent_version="test")
 
 
 # ---- the budget oracle (independent of server.assignment) ----------------------------------------------------
@@ -117,7 +117,7 @@ def _build_catalog(root: Path) -> Catalog:
                             accuracy=acc)
         arch = architecture_of(infos[0], infos[1], front_cut, behind_cut, f_specs[front_cut - 1],
                                b_specs[behind_cut - 1])
-        catalog.add_manifest(rec, export_variant(model, vid, 1, arch, store, rec.to_dict()))
+        catalog.add_manifest(rec, export_variant(model, vid, 1, arch, store, rec.manifest_record()))
         catalog.variants.append(rec)
     catalog.save(root)
     return catalog

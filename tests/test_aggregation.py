@@ -15,7 +15,8 @@ from server.aggregation import (
     trimmed_mean,
     validate_update,
 )
-from shared.updates import FLOAT16, INT8, SCALE, encode_delta
+from shared.updates import SCALE, encode_delta
+from shared.vocabulary import FLOAT16, INT8, UPDATE_FORMATS
 
 VARIANT = "v-a"
 
@@ -297,10 +298,20 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
+def run_settings(catalog, data, output_dir, coordinator_url="", token="", **federated):
+    """The ServerApp's settings as `restnet fl run` makes them, for a fleet config with these federated settings."""
+    from server.run_config import RunSettings, run_config
+    from shared.config import Config, FederatedConfig, FleetConfig
+
+    cfg = Config(data=data, fleet=FleetConfig(api_token=token or None),
+                 federated=FederatedConfig(query_timeout_s=5, round_timeout_s=5, **federated))
+    return RunSettings.from_run_config(run_config(cfg, catalog, output_dir, coordinator_url))
+
+
 @pytest.mark.slow
 def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(tiny_catalog, tmp_path, task_identity):
     from shared.node_data import NodeData, install_from_catalog
-    from server.fl_server import RunSettings, run_federation
+    from server.fl_server import run_federation
     from shared.config import DataConfig, PartitionConfig
 
     vid, other = tiny_catalog.variants[0].id, tiny_catalog.variants[1].id
@@ -312,8 +323,7 @@ def test_server_round_rejects_poisoned_replies_and_keeps_the_honest_aggregate(ti
         return nd
 
     def settings(out):
-        return RunSettings(catalog=tiny_catalog.root, data=data, rounds=1, local_epochs=1, lr=0.02,
-                           query_timeout=5, round_timeout=5, output_dir=tmp_path / out)
+        return run_settings(tiny_catalog.root, data, tmp_path / out, rounds=1, local_epochs=1, lr=0.02)
 
     honest = {100 + i: _device_handler(100 + i, node(i, 2)) for i in range(2)}
     kinds = ("nan", "inf", "wrong_shape", "wrong_dtype", "wrong_variant", "norm", "newer_format",
@@ -348,7 +358,7 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
     from urllib.parse import parse_qs, urlparse
 
     from shared.node_data import NodeData, install_from_catalog
-    from server.fl_server import RunSettings, run_federation
+    from server.fl_server import run_federation
     from shared.artifacts import bytes_to_tensors, sha256_bytes, tensors_to_bytes
     from shared.config import DataConfig, PartitionConfig
 
@@ -375,10 +385,9 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
         node = NodeData(tmp_path / f"dev{i}", data, i, 2, PartitionConfig("iid", 0.5, 0))
         install_from_catalog(tiny_catalog, vid, node.device_dir)
         handlers[10 + i] = _device_handler(10 + i, node)
-    settings = RunSettings(catalog=tiny_catalog.root, data=data, rounds=2, query_timeout=5, round_timeout=5,
-                           update_format=update_format,
-                           coordinator_url=f"http://127.0.0.1:{httpd.server_address[1]}",
-                           coordinator_token="s3cret")
+    encoding = next(k for k, v in UPDATE_FORMATS.items() if v == update_format)
+    settings = run_settings(tiny_catalog.root, data, "", f"http://127.0.0.1:{httpd.server_address[1]}", "s3cret",
+                            rounds=2, update_encoding=encoding)
     try:
         results = run_federation(InProcessGrid(handlers), settings, run_id=42)
     finally:
@@ -394,6 +403,7 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
     url = urlparse(path)
     assert url.path == f"/api/variants/{vid}/stitch"
     assert float(parse_qs(url.query)["accuracy"][0]) == pytest.approx(results["variants"][vid]["accuracy"], abs=1e-6)
+    assert int(parse_qs(url.query)["base_version"][0]) == tiny_catalog.get(vid).version
     assert sha256_bytes(tensors_to_bytes(bytes_to_tensors(body))) == results["variants"][vid]["stitch_sha256"]
     assert results["settings"]["coordinator_token"] == "***"  # the secret is not written to results.json
 

@@ -32,10 +32,10 @@ def test_train_base_saves_a_checkpoint_that_loads(tmp_path, capsys):
     cfg = tiny_config_dict()
     cfg["small"]["checkpoint"], cfg["small"]["train"] = str(ckpt), None
     from shared.build import prepare_bases
-    from shared.config import config_from_dict
+    from shared.config import parse_config
     from shared.datasets import load_splits
 
-    c = config_from_dict(cfg)
+    c = parse_config(cfg, "test")
     train, val = load_splits(c.data)
     c.large.train = None
     acc = prepare_bases(c, train, val, tmp_path / "x", False, lambda m: None)["small"][2]

@@ -33,6 +33,12 @@ BASE = "large: {name: cifar_vgg19}\nsmall: {name: cifar_vgg11}\n"
     (BASE + "fleet: {devices: [{id: 'a/b', memory_mb: 10}]}\n", "MQTT topic level"),
     (BASE + "fleet: {devices: [{id: a, memory_mb: 10}, {id: a, memory_mb: 5}]}\n", "unique"),
     (BASE + "large: [1, 2\n", "not valid YAML"),
+    (BASE + "catalog: {sweep: true}\n", r"catalog.sweep: expected a number, got True"),
+    (BASE + "data: {val_fraction: .nan}\n", r"data.val_fraction: expected a finite number"),
+    (BASE + "fleet: {devices: [{id: a, memory: 10}]}\n", r"fleet.devices\[0\]: unknown key\(s\) memory"),
+    (BASE + "federated: {aggregation: mean}\n", "federated.aggregation must be one of 'fedavg'"),
+    (BASE + "large: {name: x, pretrained: 1}\n", "large.pretrained: expected bool"),
+    (BASE + "fleet: {devices: [{id: é, memory_mb: 10}]}\n", "MQTT topic level"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -71,21 +71,21 @@ def run_demo(config: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
 def demo_run(tmp_path_factory):
     """Build the catalog once (to size the small devices to its cheapest variant), then run the demo."""
     from shared.build import build_catalog
-    from shared.config import config_from_dict
+    from shared.config import parse_config
 
     from restnet.demo import config_digest
 
     root = tmp_path_factory.mktemp("demo")
     cfg = demo_config(root)
     base = root / "out" / "catalog-base"  # where the demo keeps its catalog; it reuses one built from its config
-    probe = build_catalog(config_from_dict(cfg, "probe"), base, progress=False, log=lambda m: None).catalog
+    probe = build_catalog(parse_config(cfg, "probe"), base, progress=False, log=lambda m: None).catalog
     needs = sorted((v.memory_bytes + v.finetune_memory_bytes) * 1.2 / 2**20 for v in probe.variants)
     small = needs[0] + 0.25 * (needs[1] - needs[0]) if len(needs) > 1 else needs[0] * 1.01
     for dev in cfg["fleet"]["devices"][:2]:
         dev["memory_mb"] = round(small, 4)
     config = root / "demo.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    (base / ".config-digest").write_text(config_digest(config_from_dict(cfg)))  # the fleet part is not hashed
+    (base / ".config-digest").write_text(config_digest(parse_config(cfg, "test")))  # the fleet part is not hashed
     before = flower_processes()
     proc = run_demo(config, root / "out")
     out, err = proc.communicate(timeout=900)
@@ -110,7 +110,7 @@ def test_every_device_got_the_best_variant_within_its_budget(demo_run):
         assert row["variant"], f"{row['device']} got no variant"
         rec = delivered.get(row["variant"])
         assert (rec.memory_bytes + rec.finetune_memory_bytes) * (1 + margin) <= row["memory_mb"] * 2**20
-        assert_assignment_ok(delivered, Profile(row["memory_mb"], row["compute"]), row["variant"], margin)
+        assert_assignment_ok(delivered, Profile(row["memory_mb"], row["compute"], agent_version="test"), row["variant"], margin)
     small = {r["variant"] for r in report["devices"] if r["device"].startswith("small")}
     cheapest = min(delivered.variants, key=lambda v: v.memory_bytes + v.finetune_memory_bytes)
     assert small == {cheapest.id}  # sized so that only the cheapest variant fits
@@ -153,12 +153,12 @@ def test_ctrl_c_stops_every_process(demo_run):
 
 def test_the_catalog_is_rebuilt_only_when_its_own_settings_change():
     from restnet.demo import config_digest
-    from shared.config import config_from_dict
+    from shared.config import parse_config
 
     cfg = demo_config(Path("."))
-    base = config_digest(config_from_dict(cfg))
+    base = config_digest(parse_config(cfg, "test"))
     cfg["fleet"]["devices"][0]["memory_mb"] = 99.0
     cfg["federated"]["rounds"] = 7
-    assert config_digest(config_from_dict(cfg)) == base
+    assert config_digest(parse_config(cfg, "test")) == base
     cfg["catalog"]["sweep"] = 4
-    assert config_digest(config_from_dict(cfg)) != base
+    assert config_digest(parse_config(cfg, "test")) != base

@@ -52,7 +52,7 @@ def test_a_device_can_neither_write_nor_read_another_devices_topics(tmp_path, mo
                          topic(intruder_cfg.id, "desired")):
         intruder.subscribe(topic_filter)
     v = victim_cfg.id
-    intruder.publish(topic(v, "enroll"), encode(Enroll(v, "spoof", Profile(1.0, 1.0, None, "x"))))
+    intruder.publish(topic(v, "enroll"), encode(Enroll(v, "spoof", Profile(1.0, 1.0, None, agent_version="x"))))
     intruder.publish(topic(v, "status"), encode(Status(v, before[0]["assignment_id"], "FAILED", None, "spoofed")))
     intruder.publish(topic(v, "state"), encode(Presence(v, False, 10**9)), retain=True)
     intruder.publish(topic(v, "desired"), b"{}", retain=True)
@@ -83,7 +83,7 @@ def test_a_tampered_block_is_refused_and_the_previous_variant_stays(tmp_path, mo
     assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[0]), old_variant)
     current = (agent.device_dir / "current.json").read_bytes()
 
-    bigger = Profile(200.0, 2.0, 10.0, "test")
+    bigger = Profile(200.0, 2.0, 10.0, agent_version="test")
     target = "syn.4_4"
     assert_assignment_ok(synthetic_catalog, bigger, target)
     have = {b.sha256 for b in synthetic_catalog.manifest(old_variant).blocks}

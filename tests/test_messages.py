@@ -28,7 +28,7 @@ def rejected(kind: str, payload, device_id: str = "dev-1") -> MessageError:
 
 def test_round_trips():
     msgs = {
-        "enroll": Enroll("dev-1", "r1", Profile(64.0, 1.5, 20.0, "0.1.0")),
+        "enroll": Enroll("dev-1", "r1", Profile(64.0, 1.5, 20.0, agent_version="0.1.0")),
         "status": Status("dev-1", "abc", "FAILED", "v.1_2", "hash mismatch"),
         "state": Presence("dev-1", True, 7),
         "heartbeat": Heartbeat("dev-1", 3),

@@ -11,7 +11,7 @@ from shared.messages import Profile
 
 def row(device_id: str = "d1", request_id: str = "r1", version: int = 1, assignment_id: str = "a1",
         variant_id: str | None = "v1") -> DeviceRow:
-    return DeviceRow(device_id, Profile(64.0, 1.0, None, "t"), request_id, version, assignment_id, variant_id,
+    return DeviceRow(device_id, Profile(64.0, 1.0, None, agent_version="t"), request_id, version, assignment_id, variant_id,
                      1 if variant_id else None, b'{"v":1}', "assigned" if variant_id else "refused", None, 1.0, 1.0)
 
 
@@ -33,7 +33,7 @@ def test_put_get_and_request_ids(registry, tmp_path):
         registry.put(row())
         registry.put(row(request_id="r2", version=2, assignment_id="a2"))
     dev = registry.get("d1")
-    assert (dev.request_id, dev.version, dev.profile) == ("r2", 2, Profile(64.0, 1.0, None, "t"))
+    assert (dev.request_id, dev.version, dev.profile) == ("r2", 2, Profile(64.0, 1.0, None, agent_version="t"))
     assert registry.seen_request("d1", "r1") and registry.seen_request("d1", "r2")
     assert not registry.seen_request("d1", "r3")
     assert registry.request_count("d1") == 2

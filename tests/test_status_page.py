@@ -54,7 +54,7 @@ def enroll_hostile_device(cfg, coordinator, raw_clients, device_id: str = "dev-e
     client = raw_clients(cfg.broker.url, device_id)
     assert not client.connect().is_failure
     client.subscribe(topic(device_id, "desired"))
-    client.publish(topic(device_id, "enroll"), encode(Enroll(device_id, "req-1", Profile(20.0, 1.0, None, "x"))))
+    client.publish(topic(device_id, "enroll"), encode(Enroll(device_id, "req-1", Profile(20.0, 1.0, None, agent_version="x"))))
     message = client.next_message(10)
     assert message is not None
     desired = decode_desired(device_id, message[1])

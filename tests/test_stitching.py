@@ -10,6 +10,7 @@ from shared.blocks import activation_specs, block_outputs, split_model
 from shared.errors import IntegrityError
 from shared.specs import ActivationSpec
 from shared.stitching import StitchedModel, StitchingLayer
+from shared.vocabulary import STRATEGIES
 
 # (timm name, kwargs, input size): small, fast stand-ins for the paper's models.
 MODELS = {
@@ -192,7 +193,7 @@ def test_set_strategy_counts_and_freezes_the_right_parts():
                                    for part in (model.front, model.stitch, model.behind))
     expected = {"stitch": n_stitch, "stitch+behind": n_stitch + n_behind, "stitch+front": n_front + n_stitch,
                 "full": n_front + n_stitch + n_behind}
-    assert set(expected) == set(StitchedModel.STRATEGIES)
+    assert set(expected) == set(STRATEGIES)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_stitch  # the default
     for strategy, count in expected.items():
         assert model.set_strategy(strategy) == count

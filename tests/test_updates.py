@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.config import UPDATE_ENCODINGS
-from shared.updates import FLOAT16, INT8, SCALE, UPDATE_FORMATS, WireError, apply_delta, decode_delta, encode_delta
+from shared.updates import SCALE, WireError, apply_delta, decode_delta, encode_delta
+from shared.vocabulary import FLOAT16, INT8
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
@@ -139,6 +139,3 @@ def test_unknown_formats_are_incompatible():
     with pytest.raises(WireError):
         encode_delta(received, received, "delta-float8/1")
 
-
-def test_the_config_knows_every_encoding():
-    assert set(UPDATE_ENCODINGS) == set(UPDATE_FORMATS)

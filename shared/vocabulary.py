@@ -1,0 +1,54 @@
+"""The names and patterns every part of the fleet must agree on, each defined once.
+
+Configs, MQTT messages, the HTTP routes, the catalog, the Flower apps and the training code all use these; none
+of them spells a pattern or a list of choices out again. No torch here: the config, the messages and a
+ClientApp answering a query import this without paying for torch.
+"""
+from __future__ import annotations
+
+import re
+
+# ---- identifiers ----------------------------------------------------------------------------------------------
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one MQTT topic level (no '/', '+', '#'): ACLs bind to it
+TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # request, assignment and agent version ids
+VARIANT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # catalog ids join two timm names and two cut points
+SHA256 = re.compile(r"[0-9a-f]{64}")  # lower-case hex, as blob names and manifest digests are written
+
+
+def valid_device_id(device_id: object) -> bool:
+    return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None
+
+
+def valid_variant_id(variant_id: object) -> bool:
+    return isinstance(variant_id, str) and VARIANT_ID.fullmatch(variant_id) is not None
+
+
+def valid_sha256(digest: object) -> bool:
+    return isinstance(digest, str) and SHA256.fullmatch(digest) is not None
+
+
+# ---- model building and training ------------------------------------------------------------------------------
+
+DIRECTIONS = ("slow_to_fast", "fast_to_slow")  # front = the larger model, or the smaller
+BUDGET_METRICS = ("params", "flops", "memory", "latency")
+DATASETS = ("digits", "cifar10", "imagefolder")
+STITCH_INITS = ("least_squares", "random")
+AUGMENTATIONS = ("none", "shift", "shift+flip")
+# The paper's fine-tuning strategies and the parts of a stitched model each one trains.
+TRAINABLE_PARTS = {
+    "stitch": ("stitch",),
+    "stitch+behind": ("stitch", "behind"),
+    "stitch+front": ("stitch", "front"),
+    "full": ("front", "stitch", "behind"),
+}
+STRATEGIES = tuple(TRAINABLE_PARTS)
+
+# ---- federated fine-tuning ------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
+PARTITIONS = ("iid", "dirichlet")
+# How devices send their change to a stitch (`shared.updates`): fleet-config name -> the format id on the wire.
+FLOAT16 = "delta-float16/1"
+INT8 = "delta-int8/1"
+UPDATE_FORMATS = {"float16": FLOAT16, "int8": INT8}
