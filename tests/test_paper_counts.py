@@ -1,4 +1,4 @@
-"""The paper's CNN settings (Table I, CIFAR-10 and CIFAR-100): its base models.
+"""The paper's CNN settings (Table I, CIFAR-10 and CIFAR-100): its base models, and its variants with 3x3 stitches.
 
 Counts need no data and no weights: the models are built on PyTorch's meta device (shapes only), so each test
 takes a fraction of a second although ResNet34 and VGG19 have over 20M parameters.
@@ -13,6 +13,7 @@ import torch.nn as nn
 from shared.blocks import activation_specs, split_model
 from shared.costs import count_params
 from shared.errors import ModelError
+from shared.stitching import StitchedModel, StitchingLayer
 
 # Table I's Params and FLOPs columns of the base models.
 BASE = [
@@ -20,6 +21,23 @@ BASE = [
     (100, "cifar_vgg11", 9.80, 153.95), (100, "cifar_vgg19", 20.61, 399.92), (100, "cifar_resnet34", 21.33, 1163.55),
 ]
 
+# Table I's stitched rows (front -> VGG11): classes, front, front_cut, behind_cut, Params (M), Trainable (M).
+# Where several block pairs give these counts (VGG repeats its 256/512-channel convs), the pair is the one whose
+# multiply-accumulates also give the row's FLOPs.
+STITCHED = [
+    (10, "cifar_vgg19", 5, 3, 10.53, 0.59),
+    (10, "cifar_vgg19", 9, 6, 11.12, 2.36),  # the paper's Fig. 3: VGG19 layers 0-8, then VGG11 from layer 6
+    (10, "cifar_vgg19", 13, 6, 20.56, 2.36),
+    (10, "cifar_resnet34", 4, 2, 9.98, 0.07),
+    (10, "cifar_resnet34", 9, 4, 11.64, 0.59),
+    (10, "cifar_resnet34", 14, 7, 12.23, 1.18),
+    (100, "cifar_vgg19", 3, 2, 9.99, 0.15),
+    (100, "cifar_vgg19", 5, 3, 10.58, 0.59),
+    (100, "cifar_vgg19", 6, 3, 11.17, 0.59),
+    (100, "cifar_resnet34", 7, 2, 10.92, 0.15),
+    (100, "cifar_resnet34", 9, 4, 11.69, 0.59),
+    (100, "cifar_resnet34", 10, 4, 12.87, 0.59),
+]
 TABLE_PRECISION = 0.005  # Table I prints millions with two decimals
 
 
@@ -33,6 +51,22 @@ def blocked(name: str, classes: int):
 def test_base_models_have_the_papers_parameter_counts(classes, name, params_m, flops_m):
     bm, _ = blocked(name, classes)
     assert abs(count_params(bm) / 1e6 - params_m) <= TABLE_PRECISION
+
+
+@pytest.mark.parametrize("classes, front, front_cut, behind_cut, params_m, trainable_m", STITCHED,
+                         ids=[f"{f}.{a}-vgg11.{b}-{c}" for c, f, a, b, _, _ in STITCHED])
+def test_3x3_stitched_variants_have_the_papers_counts(classes, front, front_cut, behind_cut, params_m, trainable_m):
+    """Equal at the table's precision: within 0.05% for Params and 1% for every Trainable count from 0.5M; the
+    0.07M and 0.15M rows can only be matched to their two decimals (they are 9 x 64 x 128 and 9 x 128 x 128)."""
+    f, f_specs = blocked(front, classes)
+    b, b_specs = blocked("cifar_vgg11", classes)
+    src, dst = f_specs[front_cut - 1], b_specs[behind_cut - 1]
+    model = StitchedModel(list(f.blocks[:front_cut]), StitchingLayer(src, dst, kernel_size=3),
+                          list(b.blocks[behind_cut:]))
+    trainable = model.set_strategy("stitch")
+    assert trainable == 9 * src.channels * dst.channels  # a 3x3 convolution without bias
+    assert abs(trainable / 1e6 - trainable_m) <= TABLE_PRECISION
+    assert abs(count_params(model) / 1e6 - params_m) <= TABLE_PRECISION
 
 
 def test_cifar_resnet_has_the_cifar_stem_and_splits_exactly():
