@@ -70,6 +70,7 @@ class CatalogConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05, weight_decay=0.0))
     strategy: str = "stitch"
     measure_latency: bool = True
+    stitch_kernel_size: int = 1  # CNN->CNN stitches: 1 = pointwise (with bias), odd k = k x k conv (no bias)
 
 
 @dataclass
@@ -230,6 +231,8 @@ def _check(cfg: Config) -> None:
     need(cfg.catalog.strategy in STRATEGIES, f"catalog.strategy must be one of {STRATEGIES}")
     need(cfg.catalog.sweep >= 1 or bool(cfg.catalog.budgets), "catalog.sweep must be >= 1 when no budgets are given")
     need(all(b > 0 for b in cfg.catalog.budgets), "catalog.budgets must be positive")
+    need(cfg.catalog.stitch_kernel_size >= 1 and cfg.catalog.stitch_kernel_size % 2 == 1,
+         "catalog.stitch_kernel_size must be odd and >= 1 (1, 3, 5...)", "3 is the paper's CNN->CNN stitch")
     need(cfg.data.dataset in ("digits", "cifar10", "imagefolder"), "data.dataset must be digits, cifar10 or imagefolder")
     need(cfg.data.dataset != "imagefolder" or bool(cfg.data.root), "data.root is required for imagefolder")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")

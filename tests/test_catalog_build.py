@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from shared.artifacts import load_variant
-from shared.catalog import Catalog
+from shared.build import build_catalog
+from shared.catalog import Catalog, build_stitched_model
 from shared.cli import main
+from shared.config import config_from_dict
 from shared.costs import count_params
 from shared.selection import select
 from tests.conftest import tiny_config_dict
@@ -82,3 +84,27 @@ def test_catalog_show_prints_every_variant(tiny_catalog, capsys):
     assert all(v.id in out for v in tiny_catalog.variants)
     assert main(["catalog", "show", str(tiny_catalog.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema"] == "restnet.catalog/1"
+
+
+def test_manifests_from_before_kernel_sizes_still_load(tiny_catalog):
+    architecture = tiny_catalog.manifest(tiny_catalog.variants[0].id).architecture
+    assert architecture["stitch"].pop("kernel_size") == 1
+    stitch = build_stitched_model(architecture).stitch
+    assert stitch.kernel_size == 1 and stitch.proj.kernel_size == (1, 1) and stitch.proj.bias is not None
+
+
+def test_a_3x3_stitch_catalog_builds_travels_and_rebuilds(tmp_path):
+    """`catalog.stitch_kernel_size: 3` end to end, kept quick: untrained base models, no fine-tuning."""
+    cfg = tiny_config_dict()
+    cfg["large"]["train"] = cfg["small"]["train"] = None
+    cfg["catalog"].update(stitch_kernel_size=3, sweep=2, measure_latency=False, finetune={"epochs": 0})
+    catalog = build_catalog(config_from_dict(cfg), tmp_path, progress=False, log=lambda m: None).catalog
+    assert catalog.variants
+    for rec in catalog.variants:
+        manifest = catalog.manifest(rec.id)
+        assert manifest.architecture["stitch"]["kernel_size"] == 3
+        model = load_variant(manifest, catalog.store)
+        src, dst = model.stitch.src, model.stitch.dst
+        assert model.stitch.proj.kernel_size == (3, 3) and model.stitch.proj.bias is None
+        assert rec.trainable_params == count_params(model.stitch) == 9 * src.channels * dst.channels
+        assert rec.params == count_params(model)

@@ -33,6 +33,8 @@ BASE = "large: {name: cifar_vgg19}\nsmall: {name: cifar_vgg11}\n"
     (BASE + "fleet: {devices: [{id: 'a/b', memory_mb: 10}]}\n", "MQTT topic level"),
     (BASE + "fleet: {devices: [{id: a, memory_mb: 10}, {id: a, memory_mb: 5}]}\n", "unique"),
     (BASE + "large: [1, 2\n", "not valid YAML"),
+    (BASE + "catalog: {stitch_kernel_size: 2}\n", "stitch_kernel_size must be odd"),
+    (BASE + "catalog: {stitch_kernel_size: 0}\n", "stitch_kernel_size must be odd"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
