@@ -278,21 +278,24 @@ def _base_cost(model: nn.Module, x1: torch.Tensor, metric: str) -> float:
 
 def _model_info(mc: ModelConfig, cfg: Config, bm: BlockedModel, model: nn.Module, x1: torch.Tensor,
                 accuracy: float) -> ModelInfo:
+    flops = C.count_flops(model, x1)
     return ModelInfo(mc.name, _model_kwargs(mc, cfg), bm.family, list(bm.block_names), C.count_params(model),
-                     C.count_flops(model, x1), accuracy, mc.checkpoint)
+                     flops, accuracy, mc.checkpoint, macs=flops // C.FLOPS_PER_MAC)
 
 
 def measure_variant(model: StitchedModel, x1: torch.Tensor, train, measure_latency: bool) -> dict:
-    """Measured costs of a built variant: exact params, FLOPs, peak memory, latency, fine-tune memory."""
+    """Measured costs of a built variant: exact params, FLOPs and MACs, peak memory, latency, fine-tune memory."""
     model.set_strategy("stitch")
     cached = cache_front_outputs(model, torch.utils.data.Subset(train, range(FINETUNE_MEMORY_BATCH)))
     h, y = cached.tensors
     model.train()
     ft = C.training_peak_bytes(model.forward_from_front, nn.ModuleList([model.stitch, model.behind]), h, y)
     model.eval()
+    flops = C.count_flops(model, x1)
     return {
         "params": C.count_params(model),
-        "flops": C.count_flops(model, x1),
+        "flops": flops,
+        "macs": flops // C.FLOPS_PER_MAC,
         "memory_bytes": C.inference_peak_bytes(model, x1),
         "finetune_memory_bytes": ft,
         "latency_ms": C.latency_ms(model, x1) if measure_latency else None,

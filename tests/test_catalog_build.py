@@ -10,7 +10,7 @@ from shared.build import build_catalog
 from shared.catalog import Catalog, build_stitched_model
 from shared.cli import main
 from shared.config import config_from_dict
-from shared.costs import count_params
+from shared.costs import count_macs, count_params
 from shared.selection import select
 from tests.conftest import tiny_config_dict
 
@@ -24,6 +24,7 @@ def test_catalog_records_describe_real_models(tiny_catalog):
         assert rec.trainable_params == count_params(model.stitch)
         assert rec.memory_bytes > 4 * rec.params
         assert rec.finetune_memory_bytes > 0 and rec.flops > 0
+        assert rec.macs == count_macs(model, torch.zeros(1, *again.input_shape)) == rec.flops // 2
         assert 0.0 <= rec.accuracy_init <= 1.0 and 0.0 <= rec.accuracy <= 1.0
         assert rec.budgets and rec.version == 1
         x = torch.randn(2, *again.input_shape)
@@ -82,11 +83,21 @@ def test_catalog_show_prints_every_variant(tiny_catalog, capsys):
     assert main(["catalog", "show", str(tiny_catalog.root)]) == 0
     out = capsys.readouterr().out
     assert all(v.id in out for v in tiny_catalog.variants)
+    header = out.splitlines()[0].split()
+    assert header[header.index("flops") + 1] == "macs"
+    assert f"{tiny_catalog.front.macs / 1e6:.1f}M" in out
     assert main(["catalog", "show", str(tiny_catalog.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema"] == "restnet.catalog/1"
 
 
-def test_manifests_from_before_kernel_sizes_still_load(tiny_catalog):
+def test_catalogs_and_manifests_from_before_macs_and_kernel_sizes_still_load(tiny_catalog, tmp_path):
+    doc = tiny_catalog.to_dict()
+    for record in [doc["front"], doc["behind"], *doc["variants"]]:
+        del record["macs"]
+    (tmp_path / "catalog.json").write_text(json.dumps(doc))
+    old = Catalog.load(tmp_path)
+    assert [v.macs for v in old.variants] == [v.flops // 2 for v in tiny_catalog.variants]
+    assert old.front.macs == tiny_catalog.front.macs
     architecture = tiny_catalog.manifest(tiny_catalog.variants[0].id).architecture
     assert architecture["stitch"].pop("kernel_size") == 1
     stitch = build_stitched_model(architecture).stitch

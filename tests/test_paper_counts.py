@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 
 from shared.blocks import activation_specs, split_model
-from shared.costs import count_params
+from shared.costs import count_macs, count_params
 from shared.errors import ModelError
 from shared.stitching import StitchedModel, StitchingLayer
+
+META_INPUT = torch.zeros(1, 3, 32, 32, device="meta")
 
 # Table I's Params and FLOPs columns of the base models.
 BASE = [
@@ -23,7 +25,7 @@ BASE = [
 
 # Table I's stitched rows (front -> VGG11): classes, front, front_cut, behind_cut, Params (M), Trainable (M).
 # Where several block pairs give these counts (VGG repeats its 256/512-channel convs), the pair is the one whose
-# multiply-accumulates also give the row's FLOPs.
+# multiply-accumulates also give the row's FLOPs (docs/CATALOG.md, "MACs and the paper's FLOPs column").
 STITCHED = [
     (10, "cifar_vgg19", 5, 3, 10.53, 0.59),
     (10, "cifar_vgg19", 9, 6, 11.12, 2.36),  # the paper's Fig. 3: VGG19 layers 0-8, then VGG11 from layer 6
@@ -67,6 +69,35 @@ def test_3x3_stitched_variants_have_the_papers_counts(classes, front, front_cut,
     assert trainable == 9 * src.channels * dst.channels  # a 3x3 convolution without bias
     assert abs(trainable / 1e6 - trainable_m) <= TABLE_PRECISION
     assert abs(count_params(model) / 1e6 - params_m) <= TABLE_PRECISION
+
+
+def _thop_elementwise(model: nn.Module, x: torch.Tensor) -> int:
+    """What the paper's profiler (thop) adds to multiply-accumulates: 4 operations per BatchNorm output element
+    (2, doubled for the affine weight and bias) and (k + 1) per output of an adaptive average pool over k inputs."""
+    ops = [0]
+
+    def bn(m, i, o):
+        ops[0] += 4 * o.numel()
+
+    def pool(m, i, o):
+        ops[0] += (i[0].numel() // o.numel() + 1) * o.numel()
+
+    hooks = [m.register_forward_hook(bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks += [m.register_forward_hook(pool) for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return ops[0]
+
+
+@pytest.mark.parametrize("classes, name, params_m, flops_m", BASE, ids=[f"{n}-{c}" for c, n, _, _ in BASE])
+def test_macs_are_the_papers_flops_column_without_its_profilers_elementwise_operations(classes, name, params_m,
+                                                                                         flops_m):
+    bm, _ = blocked(name, classes)
+    macs = count_macs(bm, META_INPUT)
+    assert macs / 1e6 == pytest.approx(flops_m, rel=0.005)  # e.g. VGG11: 153.29M against the paper's 153.90M
+    assert abs((macs + _thop_elementwise(bm, META_INPUT)) / 1e6 - flops_m) <= TABLE_PRECISION
 
 
 def test_cifar_resnet_has_the_cifar_stem_and_splits_exactly():
