@@ -50,7 +50,7 @@ class CalibrationConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits | cifar10 | imagefolder
+    dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
     root: str | None = None
     download: bool = False
     image_size: int = 32
@@ -233,7 +233,8 @@ def _check(cfg: Config) -> None:
     need(all(b > 0 for b in cfg.catalog.budgets), "catalog.budgets must be positive")
     need(cfg.catalog.stitch_kernel_size >= 1 and cfg.catalog.stitch_kernel_size % 2 == 1,
          "catalog.stitch_kernel_size must be odd and >= 1 (1, 3, 5...)", "3 is the paper's CNN->CNN stitch")
-    need(cfg.data.dataset in ("digits", "cifar10", "imagefolder"), "data.dataset must be digits, cifar10 or imagefolder")
+    need(cfg.data.dataset in ("digits", "cifar10", "cifar100", "imagefolder"),
+         "data.dataset must be digits, cifar10, cifar100 or imagefolder")
     need(cfg.data.dataset != "imagefolder" or bool(cfg.data.root), "data.root is required for imagefolder")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")
     need(cfg.data.calibration.examples > 3, "data.calibration.examples must be > 3 (CKA needs n > 3)")

@@ -35,6 +35,7 @@ BASE = "large: {name: cifar_vgg19}\nsmall: {name: cifar_vgg11}\n"
     (BASE + "large: [1, 2\n", "not valid YAML"),
     (BASE + "catalog: {stitch_kernel_size: 2}\n", "stitch_kernel_size must be odd"),
     (BASE + "catalog: {stitch_kernel_size: 0}\n", "stitch_kernel_size must be odd"),
+    (BASE + "data: {dataset: cifar1000}\n", "digits, cifar10, cifar100 or imagefolder"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
