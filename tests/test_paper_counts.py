@@ -3,7 +3,9 @@
 Counts need no data and no weights: the models are built on PyTorch's meta device (shapes only), so each test
 takes a fraction of a second although ResNet34 and VGG19 have over 20M parameters.
 """
+from bisect import bisect_left
 from functools import cache
+from pathlib import Path
 
 import pytest
 import timm
@@ -11,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from shared.blocks import activation_specs, split_model
+from shared.config import load_config
 from shared.costs import count_macs, count_params
 from shared.errors import ModelError
 from shared.stitching import StitchedModel, StitchingLayer
@@ -69,6 +72,19 @@ def test_3x3_stitched_variants_have_the_papers_counts(classes, front, front_cut,
     assert trainable == 9 * src.channels * dst.channels  # a 3x3 convolution without bias
     assert abs(trainable / 1e6 - trainable_m) <= TABLE_PRECISION
     assert abs(count_params(model) / 1e6 - params_m) <= TABLE_PRECISION
+
+
+@pytest.mark.parametrize("classes, front", [(10, "cifar_vgg19"), (10, "cifar_resnet34"), (100, "cifar_vgg19"),
+                                            (100, "cifar_resnet34")])
+def test_paper_configs_have_the_papers_settings_and_a_budget_band_per_variant(classes, front):
+    short = front.removeprefix("cifar_")
+    cfg = load_config(Path(__file__).parent.parent / "fleet_configs" / f"cifar{classes}-{short}-vgg11.yaml")
+    assert (cfg.large.name, cfg.small.name, cfg.num_classes) == (front, "cifar_vgg11", classes)
+    assert cfg.data.dataset == f"cifar{classes}" and cfg.input_shape == (3, 32, 32)
+    assert cfg.catalog.stitch_kernel_size == 3 and cfg.catalog.direction == "slow_to_fast"
+    sizes = [p * 1e6 for c, f, _, _, p, _ in STITCHED if (c, f) == (classes, front)]
+    bands = [bisect_left(sorted(cfg.catalog.budgets), size) for size in sizes]  # band i: (budget i-1, budget i]
+    assert len(set(bands)) == len(sizes) and max(bands) < len(cfg.catalog.budgets)
 
 
 def _thop_elementwise(model: nn.Module, x: torch.Tensor) -> int:
