@@ -53,12 +53,13 @@ def _catalog_table(catalog) -> str:
     from shared.tables import format_table, human_bytes, pct
 
     rows = [[v.id, f"{v.cka:.3f}", v.stitch_kind, f"{v.params / 1e6:.3f}M", f"{v.flops / 1e6:.1f}M",
-             human_bytes(v.memory_bytes), f"{v.trainable_params / 1e3:.1f}K", pct(v.accuracy_init), pct(v.accuracy),
-             v.version] for v in sorted(catalog.variants, key=lambda v: v.params)]
+             f"{v.macs / 1e6:.1f}M", human_bytes(v.memory_bytes), f"{v.trainable_params / 1e3:.1f}K",
+             pct(v.accuracy_init), pct(v.accuracy), v.version]
+            for v in sorted(catalog.variants, key=lambda v: v.params)]
     for role, m in (("front", catalog.front), ("behind", catalog.behind)):
-        rows.append([f"(base {role}) {m.name}", "-", "-", f"{m.params / 1e6:.3f}M", f"{m.flops / 1e6:.1f}M", "-",
-                     "-", "-", pct(m.accuracy), "-"])
-    return format_table(["variant", "cka", "stitch", "params", "flops", "memory", "trainable", "acc init",
+        rows.append([f"(base {role}) {m.name}", "-", "-", f"{m.params / 1e6:.3f}M", f"{m.flops / 1e6:.1f}M",
+                     f"{m.macs / 1e6:.1f}M", "-", "-", "-", pct(m.accuracy), "-"])
+    return format_table(["variant", "cka", "stitch", "params", "flops", "macs", "memory", "trainable", "acc init",
                          "accuracy", "ver"], rows)
 
 

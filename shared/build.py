@@ -27,7 +27,7 @@ from shared.config import Config, ModelConfig
 from shared.datasets import calibration_batches, load_splits
 from shared.models import check_input, create_model, save_checkpoint
 from shared.selection import default_budgets, sweep
-from shared.stitching import StitchedModel, StitchingLayer
+from shared.stitching import StitchedModel, stitching_layer
 from shared.training import cache_front_outputs, evaluate, finetune, train_base
 
 FINETUNE_MEMORY_BATCH = 32
@@ -135,7 +135,7 @@ def _outputs_in_chunks(bm: BlockedModel, x: torch.Tensor, chunk: int | None) -> 
 
 @torch.no_grad()
 def pair_costs(front: BlockedModel, behind: BlockedModel, cal: Calibration, x1: torch.Tensor, f_specs, b_specs,
-               measure_latency: bool) -> PairCosts:
+               measure_latency: bool, cnn_kernel_size: int = 1) -> PairCosts:
     """Per-pair costs from per-block costs at batch 1. Memory and latency are estimates; params and FLOPs exact."""
     f_block = _block_costs(front, [x1] + [a[:1] for a in cal.front_acts], measure_latency)
     b_block = _block_costs(behind, [x1] + [a[:1] for a in cal.behind_acts], measure_latency)
@@ -146,7 +146,7 @@ def pair_costs(front: BlockedModel, behind: BlockedModel, cal: Calibration, x1: 
         for b in range(nb):
             key = (f_specs[a], b_specs[b], tuple(cal.front_acts[a].shape[1:]))
             if key not in seen:
-                layer = StitchingLayer(f_specs[a], b_specs[b])
+                layer = stitching_layer(f_specs[a], b_specs[b], cnn_kernel_size)
                 seen[key] = C.count_params(layer), C.count_flops(layer, cal.front_acts[a][:1])
             stitch_params[a, b], stitch_flops[a, b] = seen[key]
     f_cum = {k: np.cumsum(v)[:na, None] for k, v in f_block.items()}  # front blocks 0..a
@@ -207,7 +207,7 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
     f_specs = activation_specs(front, cfg.input_shape)[:-1]
     b_specs = activation_specs(behind, cfg.input_shape)[:-1]
     pc = pair_costs(front, behind, cal, x1, f_specs, b_specs,
-                    cfg.catalog.measure_latency and metric == "latency")
+                    cfg.catalog.measure_latency and metric == "latency", cfg.catalog.stitch_kernel_size)
     timings["pair_costs_s"] = time.perf_counter() - t
     cost = pc.metric(metric)
     if cfg.catalog.budgets:
@@ -233,7 +233,7 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
     for n, ((a, b), picked) in enumerate(sorted(chosen.items(), key=lambda kv: pc.params[kv[0]])):
         front_cut, behind_cut = a + 1, b + 1
         vid = variant_id(front_cfg.name, front_cut, behind_cfg.name, behind_cut)
-        stitch = StitchingLayer(f_specs[a], b_specs[b])
+        stitch = stitching_layer(f_specs[a], b_specs[b], cfg.catalog.stitch_kernel_size)
         t = time.perf_counter()
         if cfg.catalog.init == "least_squares":
             residual = stitch.init_least_squares(cal.front_acts[a], cal.behind_acts[b])
@@ -259,7 +259,8 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
             behind_cut=behind_cut, direction=cfg.catalog.direction, cka=float(cal.cka[a, b]),
             stitch_kind=stitch.kind, trainable_params=stats["trainable_params"], budgets=picked,
             accuracy=acc, accuracy_init=acc_init, **measured)
-        arch = architecture_of(front_info, behind_info, front_cut, behind_cut, f_specs[a], b_specs[b])
+        arch = architecture_of(front_info, behind_info, front_cut, behind_cut, f_specs[a], b_specs[b],
+                               stitch.kernel_size)
         catalog.add_manifest(rec, export_variant(model, vid, 1, arch, store, rec.manifest_record()))
         catalog.variants.append(rec)
         log(f"[{n + 1}/{len(chosen)}] {vid}: cka {rec.cka:.3f}, {rec.params / 1e6:.3f}M params, "
@@ -278,21 +279,24 @@ def _base_cost(model: nn.Module, x1: torch.Tensor, metric: str) -> float:
 
 def _model_info(mc: ModelConfig, cfg: Config, bm: BlockedModel, model: nn.Module, x1: torch.Tensor,
                 accuracy: float) -> ModelInfo:
+    flops = C.count_flops(model, x1)
     return ModelInfo(mc.name, _model_kwargs(mc, cfg), bm.family, list(bm.block_names), C.count_params(model),
-                     C.count_flops(model, x1), accuracy, mc.checkpoint)
+                     flops, accuracy, mc.checkpoint, macs=flops // C.FLOPS_PER_MAC)
 
 
 def measure_variant(model: StitchedModel, x1: torch.Tensor, train, measure_latency: bool) -> dict:
-    """Measured costs of a built variant: exact params, FLOPs, peak memory, latency, fine-tune memory."""
+    """Measured costs of a built variant: exact params, FLOPs and MACs, peak memory, latency, fine-tune memory."""
     model.set_strategy("stitch")
     cached = cache_front_outputs(model, torch.utils.data.Subset(train, range(FINETUNE_MEMORY_BATCH)))
     h, y = cached.tensors
     model.train()
     ft = C.training_peak_bytes(model.forward_from_front, nn.ModuleList([model.stitch, model.behind]), h, y)
     model.eval()
+    flops = C.count_flops(model, x1)
     return {
         "params": C.count_params(model),
-        "flops": C.count_flops(model, x1),
+        "flops": flops,
+        "macs": flops // C.FLOPS_PER_MAC,
         "memory_bytes": C.inference_peak_bytes(model, x1),
         "finetune_memory_bytes": ft,
         "latency_ms": C.latency_ms(model, x1) if measure_latency else None,

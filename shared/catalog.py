@@ -57,6 +57,11 @@ class VariantRecord:
     version: int = 1
     manifest: str = ""  # path of the current manifest, relative to the catalog folder
     manifest_sha256: str = ""
+    macs: int | None = None  # multiply-accumulates per example, the paper's unit (None: from flops)
+
+    def __post_init__(self):
+        if self.macs is None:  # a catalog from before MACs were recorded: FlopCounterMode counts a MAC as 2
+            self.macs = self.flops // 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +93,11 @@ class ModelInfo:
     flops: int
     accuracy: float | None = None
     checkpoint: str | None = None
+    macs: int | None = None  # as VariantRecord.macs
+
+    def __post_init__(self):
+        if self.macs is None:
+            self.macs = self.flops // 2
 
 
 @dataclass

@@ -93,6 +93,7 @@ class CatalogConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05, weight_decay=0.0))
     strategy: Strategy = "stitch"
     measure_latency: StrictBool = True
+    stitch_kernel_size: Int = 1  # CNN->CNN stitches: 1 = pointwise (with bias), odd k = k x k conv (no bias)
 
 
 @_section
@@ -198,6 +199,8 @@ def _check(cfg: Config) -> None:
             need(t.epochs >= 0 and t.batch_size > 0 and t.lr > 0, f"{where}: epochs >= 0, batch_size > 0, lr > 0")
     need(cfg.catalog.sweep >= 1 or bool(cfg.catalog.budgets), "catalog.sweep must be >= 1 when no budgets are given")
     need(all(b > 0 for b in cfg.catalog.budgets), "catalog.budgets must be positive")
+    need(cfg.catalog.stitch_kernel_size >= 1 and cfg.catalog.stitch_kernel_size % 2 == 1,
+         "catalog.stitch_kernel_size must be odd and >= 1 (1, 3, 5...)", "3 is the paper's CNN->CNN stitch")
     need(cfg.data.dataset != "imagefolder" or bool(cfg.data.root), "data.root is required for imagefolder")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")
     need(cfg.data.calibration.examples > 3, "data.calibration.examples must be > 3 (CKA needs n > 3)")

@@ -62,6 +62,9 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+FLOPS_PER_MAC = 2  # FlopCounterMode counts a multiply-add (of a conv, matmul, attention) as 2 FLOPs
+
+
 def count_flops(fn_or_module: Callable[[torch.Tensor], object], example_input: torch.Tensor) -> int:
     """FLOPs of one no-grad call (a multiply-add counts 2); pass a batch of 1 for per-example FLOPs."""
     counter = FlopCounterMode(display=False)
@@ -72,6 +75,15 @@ def count_flops(fn_or_module: Callable[[torch.Tensor], object], example_input: t
         with torch.no_grad(), counter:
             fn_or_module(example_input)
     return int(counter.get_total_flops())
+
+
+def count_macs(fn_or_module: Callable[[torch.Tensor], object], example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one no-grad call: the unit of the paper's FLOPs column (VGG11 at 32 px: 153.9M).
+
+    Exactly the conv/matmul work, `count_flops / 2`. The paper's profiler (thop) also counts a few operations
+    per BatchNorm and pooling output, hence its 0.3-0.4% larger figures (docs/CATALOG.md).
+    """
+    return count_flops(fn_or_module, example_input) // FLOPS_PER_MAC
 
 
 class _StorageTracker(TorchDispatchMode):

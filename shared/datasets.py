@@ -1,7 +1,8 @@
 """Datasets as in-memory tensors, and how to split them across devices.
 
 - ``digits``: the UCI handwritten digits bundled with scikit-learn (1,797 8x8 images): real data, offline.
-- ``cifar10``: torchvision's CIFAR-10 (downloaded when `download: true` and online).
+- ``cifar10``, ``cifar100``: torchvision's CIFAR-10 / CIFAR-100 (fine labels), downloaded when `download: true`
+  and online.
 - ``imagefolder``: any folder of class sub-folders (torchvision ImageFolder) with ``train/`` and ``val/`` inside,
   or a single folder that is split by ``val_fraction``.
 Images are resized to ``image_size``, given ``channels`` channels and normalised per channel.
@@ -24,12 +25,12 @@ def load_splits(cfg: DataConfig) -> tuple[TensorDataset, TensorDataset]:
     if cfg.dataset == "digits":
         x, y = _digits()
         (xtr, ytr), (xva, yva) = _split(x, y, cfg.val_fraction, cfg.seed)
-    elif cfg.dataset == "cifar10":
-        (xtr, ytr), (xva, yva) = _cifar10(cfg)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        (xtr, ytr), (xva, yva) = _cifar(cfg)
     elif cfg.dataset == "imagefolder":
         (xtr, ytr), (xva, yva) = _imagefolder(cfg)
     else:
-        raise ConfigError(f"unknown dataset {cfg.dataset!r}", "use digits, cifar10 or imagefolder")
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}", "use digits, cifar10, cifar100 or imagefolder")
     xtr, xva = _prepare(xtr, cfg), _prepare(xva, cfg)
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
     std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -129,18 +130,20 @@ def _to_tensors(ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
 
 
-def _cifar10(cfg: DataConfig):
-    from torchvision.datasets import CIFAR10
+def _cifar(cfg: DataConfig):
+    """CIFAR-10 or CIFAR-100 through torchvision: its train split for training, its test split for validation."""
+    from torchvision.datasets import CIFAR10, CIFAR100
 
-    root = Path(cfg.root or "data/cifar10")
+    cls, title = {"cifar10": (CIFAR10, "CIFAR-10"), "cifar100": (CIFAR100, "CIFAR-100")}[cfg.dataset]
+    root = Path(cfg.root or f"data/{cfg.dataset}")
     try:
-        train = CIFAR10(str(root), train=True, download=cfg.download)
-        val = CIFAR10(str(root), train=False, download=cfg.download)
+        train = cls(str(root), train=True, download=cfg.download)
+        val = cls(str(root), train=False, download=cfg.download)
     except RuntimeError as exc:
-        raise ConfigError(f"CIFAR-10 not found under {root}: {exc}",
-                          "set data.download: true when online, or data.root to a folder holding cifar-10-batches-py")
+        raise ConfigError(f"{title} not found under {root}: {exc}",
+                          f"set data.download: true when online, or data.root to a folder holding {cls.base_folder}")
     except OSError as exc:
-        raise ConfigError(f"could not download CIFAR-10: {exc}", "this machine may be offline; use data.root") from exc
+        raise ConfigError(f"could not download {title}: {exc}", "this machine may be offline; use data.root") from exc
     x = lambda ds: torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
     return (x(train), torch.tensor(train.targets)), (x(val), torch.tensor(val.targets))
 

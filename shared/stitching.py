@@ -6,6 +6,10 @@ pointwise channel map projects C_in -> C_out, and the result is laid out as the 
 layers are special cases: CNN->CNN 1x1 conv, Transformer->Transformer linear, CNN->Transformer 2D conv then
 flatten to tokens, Transformer->CNN reshape then a pointwise map. Because resize and projection are both linear,
 the layer can be initialised by least squares on calibration activations (as SN-Net does) before training.
+
+CNN->CNN may use a k x k convolution instead of the pointwise map (`kernel_size`, odd, "same" padding). It has
+no bias, as the paper's 3x3 stitches (their trainable counts are exactly 9 x C_in x C_out), and its least-squares
+fit runs on the k x k patches of the resized source grid.
 """
 from __future__ import annotations
 
@@ -26,13 +30,21 @@ MAX_LS_ROWS = 200_000  # rows of the least-squares problem; more are subsampled 
 class StitchingLayer(nn.Module):
     """Maps the front model's activation at the cut (`src`) to the input the behind model expects (`dst`)."""
 
-    def __init__(self, src: ActivationSpec, dst: ActivationSpec):
+    def __init__(self, src: ActivationSpec, dst: ActivationSpec, kernel_size: int = 1):
         super().__init__()
         if "logits" in (src.layout, dst.layout):
             raise ValueError(f"cannot stitch at a classifier output ({src.layout} -> {dst.layout})")
-        self.src, self.dst = src, dst
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"stitch kernel size must be odd and >= 1 (same padding), got {kernel_size}")
+        if kernel_size > 1 and not src.layout == dst.layout == "nchw":
+            raise ValueError(f"a {kernel_size}x{kernel_size} stitch needs CNN feature maps on both sides, "
+                             f"got {src.layout} -> {dst.layout}")
+        self.src, self.dst, self.kernel_size = src, dst, kernel_size
         cin, cout = src.channels, dst.channels
-        self.proj = nn.Conv2d(cin, cout, 1) if src.layout == "nchw" else nn.Linear(cin, cout)
+        if src.layout == "nchw":
+            self.proj = nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=kernel_size == 1)
+        else:
+            self.proj = nn.Linear(cin, cout)
         p = dst.prefix_tokens if dst.layout == "tokens" else 0
         # Same number of prefix tokens on both sides: they go through the same channel map as the grid.
         self.shares_prefix = p > 0 and src.prefix_tokens == p
@@ -47,7 +59,8 @@ class StitchingLayer(nn.Module):
         return f"{self.src.family_kind}->{self.dst.family_kind}"
 
     def extra_repr(self) -> str:
-        return f"{self.kind}: {self.src} -> {self.dst}"
+        kernel = f" ({self.kernel_size}x{self.kernel_size})" if self.kernel_size > 1 else ""
+        return f"{self.kind}{kernel}: {self.src} -> {self.dst}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, prefix = _to_grid(x, self.src)
@@ -82,6 +95,10 @@ class StitchingLayer(nn.Module):
         y_grid, y_prefix = _to_grid(dst_acts.detach().to("cpu", torch.float64), self.dst)
         cin, cout = self.src.channels, self.dst.channels
         y_rows = y_grid.permute(0, 2, 3, 1).reshape(-1, cout)
+        if self.kernel_size > 1:
+            weight = _ridge_fit_patches(_resize(grid, self.dst.grid), y_rows, self.kernel_size, ridge)
+            self.proj.weight.copy_(weight.view_as(self.proj.weight))
+            return self._residual(src_acts, dst_acts)
         # Enlarging the grid repeats each source value over many rows: then fit at the source resolution.
         enlarged = (self.pos_bias is None and not self.shares_prefix and len(y_rows) <= MAX_LS_ROWS
                     and grid.shape[2] * grid.shape[3] < y_grid.shape[2] * y_grid.shape[3])
@@ -111,6 +128,10 @@ class StitchingLayer(nn.Module):
             weight, bias = _ridge_fit(grid.mean(dim=(2, 3)), y_prefix.reshape(y_prefix.shape[0], -1), ridge)
             self.prefix.weight.copy_(weight)
             self.prefix.bias.copy_(bias)
+        return self._residual(src_acts, dst_acts)
+
+    def _residual(self, src_acts: torch.Tensor, dst_acts: torch.Tensor) -> float:
+        """||self(src) - dst|| / ||dst||, in float64."""
         param = self.proj.weight
         pred = self(src_acts.to(param.device, param.dtype)).double()
         target = dst_acts.to(param.device, torch.float64)
@@ -122,11 +143,17 @@ class StitchingLayer(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         for layer in (self.proj, self.prefix):
             if layer is not None:
-                bound = 1.0 / math.sqrt(self.src.channels)
+                bound = 1.0 / math.sqrt(layer.weight[0].numel())  # fan_in: C_in (x k x k for a conv)
                 for p in (layer.weight, layer.bias):
-                    p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
+                    if p is not None:
+                        p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
         if self.pos_bias is not None:
             self.pos_bias.zero_()
+
+
+def stitching_layer(src: ActivationSpec, dst: ActivationSpec, cnn_kernel_size: int = 1) -> StitchingLayer:
+    """The stitch for a boundary: `cnn_kernel_size` applies to CNN->CNN; the other kinds keep their pointwise map."""
+    return StitchingLayer(src, dst, cnn_kernel_size if src.layout == dst.layout == "nchw" else 1)
 
 
 def _to_grid(x: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,6 +210,31 @@ def _ridge_fit_resized(grid: torch.Tensor, y: torch.Tensor, size: tuple[int, int
     gram = flat @ (gc @ (p.T @ p)).transpose(0, 1).reshape(cin, n * s).T
     cross = flat @ (p.T @ (y - y_mean).view(n, d, -1)).reshape(n * s, -1)
     return _ridge_solve(gram, cross, x_mean, y_mean, ridge)
+
+
+def _ridge_fit_patches(grid: torch.Tensor, y: torch.Tensor, k: int, ridge: float) -> torch.Tensor:
+    """Weight (C_out, C_in * k * k) minimising ||P W^T - y||^2 + lam ||W||^2, P = the k x k patches of `grid`.
+
+    P's rows are `F.unfold` of the grid with the conv's "same" padding, in the conv weight's (C_in, k, k) order;
+    no bias, so no centring. The normal equations are accumulated a few examples at a time (P has k * k times
+    the entries of the grid), over the same deterministic subsample of rows as `_ridge_fit`.
+    """
+    n, cin, h, w = grid.shape
+    rows = n * h * w
+    keep = torch.ones(rows, dtype=torch.bool)
+    if rows > MAX_LS_ROWS:
+        keep.zero_()
+        keep[torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:MAX_LS_ROWS]] = True
+    d = cin * k * k
+    gram, cross = grid.new_zeros(d, d), grid.new_zeros(d, y.shape[1])
+    step = max(1, 2**22 // (h * w * d))  # examples per chunk: ~32 MB of patches in float64
+    for i in range(0, n, step):
+        lo, hi = i * h * w, min(n, i + step) * h * w
+        patches = F.unfold(grid[i:i + step], k, padding=k // 2).transpose(1, 2).reshape(-1, d)[keep[lo:hi]]
+        gram += patches.T @ patches
+        cross += patches.T @ y[lo:hi][keep[lo:hi]]
+    weight, _ = _ridge_solve(gram, cross, grid.new_zeros(d), y.new_zeros(y.shape[1]), ridge)  # through the origin
+    return weight
 
 
 def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, x_mean: torch.Tensor, y_mean: torch.Tensor,

@@ -15,14 +15,15 @@ from shared.specs import ActivationSpec
 from shared.stitching import StitchedModel, StitchingLayer
 
 
-def architecture_of(front: ModelInfo, behind: ModelInfo, front_cut: int, behind_cut: int, src_spec, dst_spec) -> dict:
+def architecture_of(front: ModelInfo, behind: ModelInfo, front_cut: int, behind_cut: int, src_spec, dst_spec,
+                    kernel_size: int = 1) -> dict:
     """The plain-data description `build_stitched_model` needs (stored in every manifest)."""
     return {
         "front": {"name": front.name, "kwargs": front.kwargs},
         "behind": {"name": behind.name, "kwargs": behind.kwargs},
         "front_cut": front_cut,
         "behind_cut": behind_cut,
-        "stitch": {"src": src_spec.to_dict(), "dst": dst_spec.to_dict()},
+        "stitch": {"src": src_spec.to_dict(), "dst": dst_spec.to_dict(), "kernel_size": kernel_size},
     }
 
 
@@ -31,7 +32,8 @@ def build_stitched_model(architecture: dict):
     a = architecture
     front = split_model(create_model(a["front"]["name"], a["front"]["kwargs"]), a["front"]["name"])
     behind = split_model(create_model(a["behind"]["name"], a["behind"]["kwargs"]), a["behind"]["name"])
-    stitch = StitchingLayer(ActivationSpec.from_dict(a["stitch"]["src"]), ActivationSpec.from_dict(a["stitch"]["dst"]))
+    stitch = StitchingLayer(ActivationSpec.from_dict(a["stitch"]["src"]), ActivationSpec.from_dict(a["stitch"]["dst"]),
+                            int(a["stitch"].get("kernel_size", 1)))  # manifests before kernel sizes: 1x1
     return StitchedModel(list(front.blocks[: a["front_cut"]]), stitch, list(behind.blocks[a["behind_cut"]:]))
 
 

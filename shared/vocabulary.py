@@ -32,7 +32,7 @@ def valid_sha256(digest: object) -> bool:
 
 DIRECTIONS = ("slow_to_fast", "fast_to_slow")  # front = the larger model, or the smaller
 BUDGET_METRICS = ("params", "flops", "memory", "latency")
-DATASETS = ("digits", "cifar10", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 STITCH_INITS = ("least_squares", "random")
 AUGMENTATIONS = ("none", "shift", "shift+flip")
 # The paper's fine-tuning strategies and the parts of a stitched model each one trains.

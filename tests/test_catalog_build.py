@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from shared.variants import load_variant
-from shared.catalog import Catalog
 from restnet.cli import main
-from shared.costs import count_params
+from shared.build import build_catalog
+from shared.catalog import Catalog
+from shared.config import parse_config
+from shared.costs import count_macs, count_params
+from shared.variants import build_stitched_model, load_variant
 from shared.selection import select
 from tests.conftest import tiny_config_dict
 
@@ -22,6 +24,7 @@ def test_catalog_records_describe_real_models(tiny_catalog):
         assert rec.trainable_params == count_params(model.stitch)
         assert rec.memory_bytes > 4 * rec.params
         assert rec.finetune_memory_bytes > 0 and rec.flops > 0
+        assert rec.macs == count_macs(model, torch.zeros(1, *again.input_shape)) == rec.flops // 2
         assert 0.0 <= rec.accuracy_init <= 1.0 and 0.0 <= rec.accuracy <= 1.0
         assert rec.budgets and rec.version == 1
         x = torch.randn(2, *again.input_shape)
@@ -80,5 +83,39 @@ def test_catalog_show_prints_every_variant(tiny_catalog, capsys):
     assert main(["catalog", "show", str(tiny_catalog.root)]) == 0
     out = capsys.readouterr().out
     assert all(v.id in out for v in tiny_catalog.variants)
+    header = out.splitlines()[0].split()
+    assert header[header.index("flops") + 1] == "macs"
+    assert f"{tiny_catalog.front.macs / 1e6:.1f}M" in out
     assert main(["catalog", "show", str(tiny_catalog.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema"] == "restnet.catalog/1"
+
+
+def test_catalogs_and_manifests_from_before_macs_and_kernel_sizes_still_load(tiny_catalog, tmp_path):
+    doc = tiny_catalog.to_dict()
+    for record in [doc["front"], doc["behind"], *doc["variants"]]:
+        del record["macs"]
+    (tmp_path / "catalog.json").write_text(json.dumps(doc))
+    old = Catalog.load(tmp_path)
+    assert [v.macs for v in old.variants] == [v.flops // 2 for v in tiny_catalog.variants]
+    assert old.front.macs == tiny_catalog.front.macs
+    architecture = tiny_catalog.manifest(tiny_catalog.variants[0].id).architecture
+    assert architecture["stitch"].pop("kernel_size") == 1
+    stitch = build_stitched_model(architecture).stitch
+    assert stitch.kernel_size == 1 and stitch.proj.kernel_size == (1, 1) and stitch.proj.bias is not None
+
+
+def test_a_3x3_stitch_catalog_builds_travels_and_rebuilds(tmp_path):
+    """`catalog.stitch_kernel_size: 3` end to end, kept quick: untrained base models, no fine-tuning."""
+    cfg = tiny_config_dict()
+    cfg["large"]["train"] = cfg["small"]["train"] = None
+    cfg["catalog"].update(stitch_kernel_size=3, sweep=2, measure_latency=False, finetune={"epochs": 0})
+    catalog = build_catalog(parse_config(cfg, "test"), tmp_path, progress=False, log=lambda m: None).catalog
+    assert catalog.variants
+    for rec in catalog.variants:
+        manifest = catalog.manifest(rec.id)
+        assert manifest.architecture["stitch"]["kernel_size"] == 3
+        model = load_variant(manifest, catalog.store)
+        src, dst = model.stitch.src, model.stitch.dst
+        assert model.stitch.proj.kernel_size == (3, 3) and model.stitch.proj.bias is None
+        assert rec.trainable_params == count_params(model.stitch) == 9 * src.channels * dst.channels
+        assert rec.params == count_params(model)

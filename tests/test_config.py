@@ -39,6 +39,9 @@ BASE = "large: {name: cifar_vgg19}\nsmall: {name: cifar_vgg11}\n"
     (BASE + "federated: {aggregation: mean}\n", "federated.aggregation must be one of 'fedavg'"),
     (BASE + "large: {name: x, pretrained: 1}\n", "large.pretrained: expected bool"),
     (BASE + "fleet: {devices: [{id: é, memory_mb: 10}]}\n", "MQTT topic level"),
+    (BASE + "catalog: {stitch_kernel_size: 2}\n", "stitch_kernel_size must be odd"),
+    (BASE + "catalog: {stitch_kernel_size: 0}\n", "stitch_kernel_size must be odd"),
+    (BASE + "data: {dataset: cifar1000}\n", "'digits', 'cifar10', 'cifar100' or 'imagefolder'"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -9,6 +9,7 @@ from torch import nn
 from shared.costs import (
     Costs,
     count_flops,
+    count_macs,
     count_params,
     count_trainable,
     inference_peak_bytes,
@@ -46,6 +47,13 @@ def test_flops_match_closed_form():
     assert count_flops(nn.Conv2d(3, 8, 3, padding=1), torch.randn(1, 3, 16, 16)) == 2 * (8 * 16 * 16) * (3 * 3 * 3)
     assert count_flops(lambda x: x @ x.T, torch.randn(5, 7)) == 2 * 5 * 5 * 7
     assert count_flops(chain(), torch.randn(1, 1000)) == 2 * (1000 * 4000 + 4000 * 500 + 500 * 10)
+
+
+def test_macs_are_multiply_accumulates():
+    """The paper's unit: one per multiply-add, so half of FlopCounterMode's FLOPs."""
+    assert count_macs(nn.Linear(64, 32), torch.randn(1, 64)) == 32 * 64
+    assert count_macs(nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.randn(1, 3, 16, 16)) == (8 * 16 * 16) * 27
+    assert count_macs(chain(), torch.randn(1, 1000)) == count_flops(chain(), torch.randn(1, 1000)) // 2
 
 
 def test_flops_leave_train_mode_and_statistics_alone():

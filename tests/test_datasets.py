@@ -1,4 +1,7 @@
 """Datasets and device partitions."""
+import hashlib
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +60,44 @@ def test_missing_data_is_a_clear_error(tmp_path):
         load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "none")))
     with pytest.raises(ConfigError, match="CIFAR-10 not found"):
         load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+    with pytest.raises(ConfigError, match="CIFAR-100 not found.*cifar-100-python"):
+        load_splits(DataConfig(dataset="cifar100", root=str(tmp_path), download=False))
+
+
+def _write_cifar100(root, monkeypatch, n_train: int = 12, n_test: int = 6) -> None:
+    """A tiny CIFAR-100 in the files torchvision downloads: pickled dicts of uint8 rows (1024 red, 1024 green,
+    1024 blue values) with fine and coarse labels, plus the label names. torchvision checks each file's md5
+    against the real data set's, so the test points those checksums at its own files (nothing else is faked)."""
+    from torchvision.datasets import CIFAR100
+
+    folder = root / CIFAR100.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        data[0, :1024], data[0, 1024:] = 255, 0  # example 0: pure red
+        fine = [(7 * i) % 100 for i in range(n - 1)] + [99]
+        entry = {"data": data, "fine_labels": fine, "coarse_labels": [f // 5 for f in fine],
+                 "filenames": [f"{name}_{i}.png" for i in range(n)], "batch_label": name}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    meta = {"fine_label_names": [f"class{i}" for i in range(100)],
+            "coarse_label_names": [f"superclass{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in ("train", "test", "meta")}
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
+
+
+@pytest.mark.parametrize("download", [False, True], ids=["local", "download-when-missing"])
+def test_cifar100_reads_torchvisions_files_with_fine_labels(tmp_path, monkeypatch, download):
+    _write_cifar100(tmp_path, monkeypatch)
+    # download: true finds the files in place and fetches nothing (this machine is offline)
+    train, val = load_splits(DataConfig(dataset="cifar100", root=str(tmp_path), download=download))
+    assert train.tensors[0].shape == (12, 3, 32, 32) and val.tensors[0].shape == (6, 3, 32, 32)  # train / test
+    assert train.tensors[1].max() == val.tensors[1].max() == 99 and train.tensors[1][1] == 7  # fine labels
+    red = train.tensors[0][0]
+    assert (red[0] > 1.0).all() and (red[1:] < -1.0).all()  # channels in R, G, B order
 
 
 def test_calibration_batches_are_repeatable_and_sized():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from shared.blocks import activation_specs, block_outputs, split_model
 from shared.errors import IntegrityError
 from shared.specs import ActivationSpec
-from shared.stitching import StitchedModel, StitchingLayer
+from shared.stitching import MAX_LS_ROWS, StitchedModel, StitchingLayer, stitching_layer
 from shared.vocabulary import STRATEGIES
 
 # (timm name, kwargs, input size): small, fast stand-ins for the paper's models.
@@ -33,12 +33,12 @@ def blocked(key: str):
     return _cache[key]
 
 
-def stitched(front_key: str, front_cut: int, behind_key: str, behind_cut: int) -> StitchedModel:
+def stitched(front_key: str, front_cut: int, behind_key: str, behind_cut: int, kernel_size: int = 1) -> StitchedModel:
     """A stitched model on private copies of the cached models (strategies and training change them)."""
     front, front_specs, _ = blocked(front_key)
     behind, behind_specs, _ = blocked(behind_key)
     front, behind = copy.deepcopy(front), copy.deepcopy(behind)
-    stitch = StitchingLayer(front_specs[front_cut - 1], behind_specs[behind_cut - 1])
+    stitch = StitchingLayer(front_specs[front_cut - 1], behind_specs[behind_cut - 1], kernel_size)
     return StitchedModel(list(front.blocks[:front_cut]), stitch, list(behind.blocks[behind_cut:]))
 
 
@@ -158,11 +158,12 @@ def test_least_squares_subsamples_huge_inputs_deterministically():
     assert torch.allclose(a.proj.weight.reshape(weight.shape), weight, atol=1e-3)
 
 
-@pytest.mark.parametrize("front_key, front_cut, behind_key, behind_cut", [
-    ("resnet18", 3, "vgg11", 2), ("deit_small", 2, "deit_tiny", 2), ("resnet18", 3, "deit_tiny", 2),
-], ids=["resnet-vgg", "deit-deit", "resnet-deit"])
+@pytest.mark.parametrize("front_key, front_cut, behind_key, behind_cut, kernel_size", [
+    ("resnet18", 3, "vgg11", 2, 1), ("deit_small", 2, "deit_tiny", 2, 1), ("resnet18", 3, "deit_tiny", 2, 1),
+    ("resnet18", 3, "vgg11", 2, 3),
+], ids=["resnet-vgg", "deit-deit", "resnet-deit", "resnet-vgg-3x3"])
 def test_least_squares_beats_random_init_on_held_out_real_activations(front_key, front_cut, behind_key,
-                                                                       behind_cut):
+                                                                       behind_cut, kernel_size):
     front, _, size = blocked(front_key)
     behind, _, behind_size = blocked(behind_key)
     assert size == behind_size
@@ -171,12 +172,65 @@ def test_least_squares_beats_random_init_on_held_out_real_activations(front_key,
     with torch.no_grad():
         src, src_test = (block_outputs(front, x)[front_cut - 1] for x in (calib, held_out))
         dst, dst_test = (block_outputs(behind, x)[behind_cut - 1] for x in (calib, held_out))
-    model = stitched(front_key, front_cut, behind_key, behind_cut)
+    model = stitched(front_key, front_cut, behind_key, behind_cut, kernel_size)
     model.stitch.init_random(seed=0)
     random_residual = relative_residual(model.stitch, src_test, dst_test)
     fit_residual = model.stitch.init_least_squares(src, dst)
     assert fit_residual < 1.0
     assert relative_residual(model.stitch, src_test, dst_test) < 0.9 * random_residual
+
+
+def test_kxk_stitch_is_a_bias_free_same_padded_conv_for_cnn_boundaries_only():
+    cnn_a, cnn_b = ActivationSpec("nchw", 8, (8, 8)), ActivationSpec("nchw", 6, (4, 4))
+    layer = StitchingLayer(cnn_a, cnn_b, kernel_size=3)
+    assert layer.proj.kernel_size == (3, 3) and layer.proj.bias is None  # the paper's 9 x C_in x C_out
+    assert sum(p.numel() for p in layer.parameters()) == 9 * 8 * 6
+    assert layer(torch.randn(2, 8, 8, 8)).shape == (2, 6, 4, 4)
+    assert StitchingLayer(cnn_a, cnn_b).proj.bias is not None  # 1x1 keeps its bias, as before
+    layer.init_random(0)
+    assert layer.proj.weight.abs().max() <= 1 / (8 * 9) ** 0.5  # PyTorch's bound: 1/sqrt(fan_in), fan_in 8 x 3 x 3
+    tokens = ActivationSpec("tokens", 6, (4, 4), 1)
+    for bad in ((cnn_a, tokens, 3), (tokens, cnn_b, 3), (cnn_a, cnn_b, 2), (cnn_a, cnn_b, 0)):
+        with pytest.raises(ValueError, match="kernel size|CNN feature maps"):
+            StitchingLayer(*bad)
+    # The pipeline's choice: the configured kernel for CNN->CNN, the pointwise map at other boundaries.
+    assert stitching_layer(cnn_a, cnn_b, 5).kernel_size == 5
+    assert stitching_layer(cnn_a, tokens, 5).kernel_size == 1
+
+
+def _known_conv_pair(cin: int, cout: int, src_grid: tuple, dst_grid: tuple, k: int, n: int = 16):
+    """Random source maps and destination = a known k x k conv (no bias) of the resized source."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(cout, cin, k, k, generator=g)
+    src = torch.randn(n, cin, *src_grid, generator=g)
+    if src_grid[0] >= dst_grid[0]:
+        resized = F.adaptive_avg_pool2d(src, dst_grid)
+    else:
+        resized = F.interpolate(src, size=dst_grid, mode="bilinear", align_corners=False)
+    return src, F.conv2d(resized, weight, padding=k // 2), weight
+
+
+@pytest.mark.parametrize("src_grid, dst_grid, k", [
+    ((8, 8), (8, 8), 3), ((8, 8), (4, 4), 3), ((4, 4), (8, 8), 3), ((6, 6), (6, 6), 5),
+], ids=["same-3x3", "shrink-3x3", "enlarge-3x3", "same-5x5"])
+def test_kxk_least_squares_recovers_a_known_convolution(src_grid, dst_grid, k):
+    src, dst, weight = _known_conv_pair(8, 5, src_grid, dst_grid, k)
+    layer = StitchingLayer(ActivationSpec("nchw", 8, src_grid), ActivationSpec("nchw", 5, dst_grid), k)
+    assert layer.init_least_squares(src, dst, ridge=0.0) < 1e-5
+    assert relative_residual(layer, src, dst) < 1e-5
+    assert torch.allclose(layer.proj.weight, weight, atol=1e-4)
+    assert layer.init_least_squares(src, dst) < 1e-3  # the default ridge barely biases a well-posed fit
+
+
+def test_kxk_least_squares_subsamples_huge_inputs_deterministically():
+    src, dst, weight = _known_conv_pair(3, 2, (72, 72), (72, 72), 3, n=40)  # 207,360 rows
+    assert 40 * 72 * 72 > MAX_LS_ROWS
+    spec_in, spec_out = ActivationSpec("nchw", 3, (72, 72)), ActivationSpec("nchw", 2, (72, 72))
+    a, b = StitchingLayer(spec_in, spec_out, 3), StitchingLayer(spec_in, spec_out, 3)
+    assert a.init_least_squares(src, dst) < 1e-3
+    b.init_least_squares(src, dst)
+    assert torch.equal(a.proj.weight, b.proj.weight)
+    assert torch.allclose(a.proj.weight, weight, atol=1e-3)
 
 
 def test_init_random_is_reproducible_from_its_seed():
