@@ -40,7 +40,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.fl_client import TrainRequest, local_update
-from shared.node_data import NodeData, install_from_catalog
+from shared.node_data import NodeData
 from server.aggregation import Update, aggregate_variant
 from shared.variants import load_variant
 from shared.catalog import Catalog
@@ -49,6 +49,9 @@ from shared.datasets import load_splits
 from shared.training import evaluate, finetune_stitch
 from shared.updates import encode_delta
 from shared.vocabulary import FLOAT16, INT8, UPDATE_FORMATS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fleet_helpers import install_from_catalog  # noqa: E402  (the tests' device-folder helper)
 
 
 def ensure_catalog(config: str, root: Path) -> Catalog:
@@ -87,7 +90,8 @@ def upload_bytes(catalog: Catalog) -> None:
 def pair_ratios(config: str) -> None:
     """Whole-variant / stitch parameters and upload bytes for every stitchable cut of a paper-scale pair (shapes
     only). Bytes are tensor data: the whole variant's parameters in float32 against the encoded change."""
-    from shared.blocks import activation_specs, block_param_counts, split_model
+    from shared.blocks import activation_specs, split_model
+    from shared.costs import count_params
     from shared.models import create_model
     from shared.stitching import StitchingLayer
 
@@ -95,7 +99,7 @@ def pair_ratios(config: str) -> None:
     front = split_model(create_model(cfg.large.name, cfg.large.kwargs), cfg.large.name)
     behind = split_model(create_model(cfg.small.name, cfg.small.kwargs), cfg.small.name)
     fs, bs = activation_specs(front, cfg.input_shape), activation_specs(behind, cfg.input_shape)
-    fp, bp = block_param_counts(front), block_param_counts(behind)
+    fp, bp = [count_params(b) for b in front.blocks], [count_params(b) for b in behind.blocks]
     pairs = []  # (parameter ratio, a, b, stitch params, variant params, {format: bytes ratio})
     budgets = sorted(cfg.catalog.budgets)
     for a in range(len(fs) - 1):

@@ -162,7 +162,7 @@ def summarize(cfg, catalog, agents, delivered, results) -> dict:
         d = budgets[agent.device_id]
         inst = agent.installed
         if inst is None:
-            rows.append([d.id, f"{d.memory_mb:g}MB", f"{d.compute:g}", "refused", "-", "-", "-", "-", "-", "-"])
+            rows.append([d.id, f"{d.memory_mb:g}MiB", f"{d.compute:g}", "refused", "-", "-", "-", "-", "-", "-"])
             devices.append({"device": d.id, "memory_mb": d.memory_mb, "compute": d.compute, "variant": None})
             continue
         rec = catalog.get(inst.variant_id)
@@ -173,7 +173,7 @@ def summarize(cfg, catalog, agents, delivered, results) -> dict:
                  "flops": rec.flops, "accuracy_delivered": res.get("accuracy_initial"),
                  "accuracy_after": res.get("accuracy")}
         devices.append(entry)
-        rows.append([d.id, f"{d.memory_mb:g}MB", f"{d.compute:g}", rec.id, f"{rec.params / 1e6:.3f}M",
+        rows.append([d.id, f"{d.memory_mb:g}MiB", f"{d.compute:g}", rec.id, f"{rec.params / 1e6:.3f}M",
                      human_bytes(rec.memory_bytes + rec.finetune_memory_bytes), f"{rec.flops / 1e6:.1f}M",
                      pct(entry["accuracy_delivered"]), pct(entry["accuracy_after"]),
                      f"v{entry['version_delivered']}->v{entry['version_now']}"])

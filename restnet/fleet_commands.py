@@ -130,7 +130,6 @@ def _get_json(url: str, ca_file: str | None) -> tuple[object, float]:
 def _status_report(url: str, ca_file: str | None, as_json: bool) -> str:
     import json
 
-    from server.status_page import ago, summary
     from shared.tables import format_table
 
     devices, now = _get_json(f"{url}/api/devices", ca_file)
@@ -148,3 +147,20 @@ def _status_report(url: str, ca_file: str | None, as_json: bool) -> str:
             row.append((d["reason"] or "")[:60])
     table = format_table(headers, rows, align_right={4, 5, 6, 7})
     return f"{table}\n{summary(devices, variants)}  ({url}, {time.strftime('%H:%M:%S')})"
+
+
+def summary(devices: list[dict], variants: list[dict]) -> str:
+    """One line about the fleet (the status page's headline says the same)."""
+    presence = {p: sum(d["presence"] == p for d in devices) for p in ("online", "stale", "offline")}
+    installed = sum(d["state"] == "installed" for d in devices)
+    used = {d["variant_id"] for d in devices if d["variant_id"] is not None}
+    in_use = sum(v["id"] in used for v in variants)
+    return (f"{len(devices)} devices · {presence['online']} online · {presence['stale']} stale · "
+            f"{presence['offline']} offline · {installed} installed · {in_use} of {len(variants)} variants in use")
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    s = max(0, round(now - ts))
+    return f"{s} s ago" if s < 120 else f"{round(s / 60)} min ago" if s < 7200 else f"{round(s / 3600)} h ago"

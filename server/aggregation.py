@@ -83,15 +83,6 @@ def checked_change(update: Update, variant_id: str, current: dict[str, torch.Ten
     return change
 
 
-def validate_update(update: Update, variant_id: str, current: dict[str, torch.Tensor], norm_bound: float) -> str | None:
-    """The reason to reject `update`, or None when it may be aggregated."""
-    try:
-        checked_change(update, variant_id, current, norm_bound)
-    except Rejected as exc:
-        return exc.reason
-    return None
-
-
 def fedavg(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted mean (FedAvg: weights are example counts), accumulated in float64 one update at a time."""
     total = float(sum(weights))

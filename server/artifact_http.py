@@ -27,7 +27,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from server.metrics import FleetMetrics
-from server.status_page import CONTENT_SECURITY_POLICY, render_page
+from server.status_page import CONTENT_SECURITY_POLICY, PAGE
 from shared.vocabulary import SHA256, VARIANT_ID
 
 MAX_POST_BYTES = 256 << 20
@@ -104,8 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/api/catalog":
                 return self._send(200, self.api.catalog_bytes(), "application/json", head)
             if path in ("/", "/index.html"):
-                page = render_page(self.api.devices(), json.loads(self.api.catalog_bytes()))
-                return self._send(200, page, "text/html; charset=utf-8", head,
+                return self._send(200, PAGE, "text/html; charset=utf-8", head,
                                   {"Cache-Control": "no-store", "Content-Security-Policy": CONTENT_SECURITY_POLICY})
             raise ApiError(404, f"no such resource: {path[:200]}")
         except ApiError as exc:

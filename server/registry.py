@@ -164,9 +164,6 @@ class Registry:
         row = self._reader().execute("SELECT * FROM devices WHERE id = ?", (device_id,)).fetchone()
         return _row(row) if row else None
 
-    def request_count(self, device_id: str) -> int:
-        return self._reader().execute("SELECT COUNT(*) FROM requests WHERE device_id = ?", (device_id,)).fetchone()[0]
-
     def snapshot(self) -> list[dict]:
         """Every device with its presence, as plain data (the /api/devices listing)."""
         rows = self._reader().execute(

@@ -1,20 +1,17 @@
 """The fleet status page served at `/`: who is enrolled, what each device runs, and the catalog it is chosen from.
 
-One self-contained HTML document (no external assets: fleets often run offline). The server renders the first
-paint so the page works without JavaScript; a small inline script then re-renders the same tables from
-`/api/devices` and `/api/catalog` every few seconds, so an open page stays live. Device ids and reasons come
-from devices and are treated as hostile: Python escapes every value, the script only ever sets `textContent`,
-and the Content-Security-Policy below allows no script but our own (defence in depth if escaping ever slips).
+One self-contained, constant HTML document (no external assets: fleets often run offline), rendered in one place
+only, the browser: its script fetches `/api/devices` and `/api/catalog`, builds the tables, and does so again every
+few seconds, so an open page stays live. Without JavaScript the page points at the JSON API and `restnet status`.
+Device ids and reasons come from devices and are hostile: the script only ever sets `textContent`, and the
+Content-Security-Policy below allows no script but this one (defence in depth should that ever slip).
 """
 from __future__ import annotations
 
 import base64
 import hashlib
-import html
-import time
 
 REFRESH_S = 3
-_PRESENCE = ("online", "stale", "offline")
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
@@ -40,7 +37,7 @@ td.id{font-family:ui-monospace,Menlo,Consolas,monospace}
 .muted{color:#889}
 """
 
-# The live half of the page. Constant text (its sha256 goes into the CSP); it builds nodes with textContent only.
+# Constant text (its sha256 goes into the CSP); it builds nodes with textContent only.
 _SCRIPT = """
 "use strict";
 (function () {
@@ -116,6 +113,8 @@ _SCRIPT = """
       cell(tr, String(used[v.id] || 0), "num");
       return tr;
     }), "the catalog has no variants", 7);
+    document.getElementById("pair").textContent = "catalog: " + ((catalog.front || {}).name || "?") + " \\u2192 " +
+      ((catalog.behind || {}).name || "?");
     var inUse = variants.filter(function (v) { return used[v.id]; }).length;
     document.getElementById("summary").textContent = devices.length + " devices \\u00b7 " + presence.online +
       " online \\u00b7 " + presence.stale + " stale \\u00b7 " + presence.offline + " offline \\u00b7 " + installed +
@@ -157,116 +156,30 @@ CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}
                            "frame-ancestors 'none'")
 
 
-def render_page(devices: list[dict], catalog: dict, now: float | None = None) -> bytes:
-    """The whole page for the registry snapshot `devices` (/api/devices) and `catalog` (catalog.json)."""
-    now = time.time() if now is None else now
-    used: dict[str, int] = {}
-    for d in devices:
-        used[d["variant_id"]] = used.get(d["variant_id"], 0) + 1
-    variants = sorted(catalog.get("variants", []), key=lambda v: v["params"])
-    device_rows = "".join(_device_row(d, now) for d in devices) or _empty("no device has enrolled yet", 9)
-    variant_rows = "".join(_variant_row(v, used.get(v["id"], 0)) for v in variants) or \
-        _empty("the catalog has no variants", 7)
-    front, behind = catalog.get("front", {}).get("name", "?"), catalog.get("behind", {}).get("name", "?")
-    return f"""<!DOCTYPE html>
+PAGE = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
 <title>ReStNet Fleet status</title>
 <style>{_STYLE}</style></head>
 <body>
-<header><h1>ReStNet Fleet</h1><span>catalog: {_e(front)} &rarr; {_e(behind)}</span>
+<header><h1>ReStNet Fleet</h1><span id="pair"></span>
 <nav><a href="metrics">/metrics</a><a href="api/devices">/api/devices</a><a href="api/catalog">/api/catalog</a></nav>
 </header>
 <main>
-<p id="summary">{_e(summary(devices, variants))}</p>
-<p id="live">rendered by the coordinator at {time.strftime("%H:%M:%S", time.localtime(now))}</p>
+<noscript><p>This page draws the fleet with JavaScript. Without it: the JSON at <a href="api/devices">/api/devices</a>
+and <a href="api/catalog">/api/catalog</a>, or <code>restnet status</code> in a terminal.</p></noscript>
+<p id="summary"></p>
+<p id="live">loading&hellip;</p>
 <h2>Devices</h2>
 <table><thead><tr><th>device</th><th>presence</th><th>state</th><th>variant</th><th>version</th><th>memory</th>
 <th>compute</th><th>latency target</th><th>last seen</th></tr></thead>
-<tbody id="devices">{device_rows}</tbody></table>
+<tbody id="devices"></tbody></table>
 <h2>Catalog variants</h2>
 <table><thead><tr><th>variant</th><th>params</th><th>inference memory</th><th>fine-tune memory</th><th>accuracy</th>
 <th>version</th><th>devices</th></tr></thead>
-<tbody id="variants">{variant_rows}</tbody></table>
+<tbody id="variants"></tbody></table>
 </main>
 <script>{_SCRIPT}</script>
 </body></html>
 """.encode()
-
-
-def summary(devices: list[dict], variants: list[dict]) -> str:
-    """One line about the fleet (the page's headline; `restnet status` prints the same)."""
-    presence = {p: sum(d["presence"] == p for d in devices) for p in _PRESENCE}
-    installed = sum(d["state"] == "installed" for d in devices)
-    used = {d["variant_id"] for d in devices if d["variant_id"] is not None}
-    in_use = sum(v["id"] in used for v in variants)
-    return (f"{len(devices)} devices · {presence['online']} online · {presence['stale']} stale · "
-            f"{presence['offline']} offline · {installed} installed · {in_use} of {len(variants)} variants in use")
-
-
-def ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "never"
-    s = max(0, round(now - ts))
-    return f"{s} s ago" if s < 120 else f"{round(s / 60)} min ago" if s < 7200 else f"{round(s / 3600)} h ago"
-
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _sig(value) -> str:
-    return "—" if value is None else f"{float(f'{value:.3g}'):g}"
-
-
-def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _badge(text: str) -> str:
-    return f'<span class="badge {_e(text)}">{_e(text)}</span>'
-
-
-def _empty(text: str, columns: int) -> str:
-    return f'<tr><td class="muted" colspan="{columns}">{_e(text)}</td></tr>'
-
-
-def _device_row(d: dict, now: float) -> str:
-    p = d.get("profile") or {}
-    reason = f'<span class="reason">{_e(d["reason"])}</span>' if d.get("reason") else ""
-    latency = "—" if p.get("latency_ms") is None else f"{_sig(p['latency_ms'])} ms"
-    version = "—" if d["variant_version"] is None else f"v{d['variant_version']}"
-    cells = [f'<td class="id">{_e(d["id"])}</td>', f"<td>{_badge(d['presence'])}</td>",
-             f"<td>{_badge(d['state'])}{reason}</td>", f'<td class="id">{_e(d["variant_id"] or "—")}</td>',
-             f'<td class="num">{_e(version)}</td>', f'<td class="num">{_e(_num(p.get("memory_mb"), 1))} MiB</td>',
-             f'<td class="num">{_e(_sig(p.get("compute")))}</td>', f'<td class="num">{_e(latency)}</td>',
-             f'<td class="num">{_e(ago(d.get("last_seen"), now))}</td>']
-    return "<tr>" + "".join(cells) + "</tr>\n"
-
-
-def _variant_row(v: dict, devices: int) -> str:
-    if v.get("accuracy") is not None:
-        accuracy = _pct(v["accuracy"])
-    elif v.get("accuracy_init") is not None:
-        accuracy = f"{_pct(v['accuracy_init'])} (init)"
-    else:
-        accuracy = "—"
-    cells = [f'<td class="id">{_e(v["id"])}</td>', f'<td class="num">{_e(_count(v["params"]))}</td>',
-             f'<td class="num">{_e(_mib(v.get("memory_bytes")))}</td>',
-             f'<td class="num">{_e(_mib(v.get("finetune_memory_bytes")))}</td>',
-             f'<td class="num">{_e(accuracy)}</td>', f'<td class="num">v{_e(v["version"])}</td>',
-             f'<td class="num">{devices}</td>']
-    return "<tr>" + "".join(cells) + "</tr>\n"

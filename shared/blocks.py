@@ -79,10 +79,6 @@ def activation_specs(bm: BlockedModel, input_shape: tuple[int, int, int]) -> lis
     return [_spec(bm, layout, out, input_shape) for layout, out in zip(bm.layouts, outputs)]
 
 
-def block_param_counts(bm: BlockedModel) -> list[int]:
-    return [sum(p.numel() for p in block.parameters()) for block in bm.blocks]
-
-
 def _spec(bm: BlockedModel, layout: str, out: torch.Tensor, input_shape: tuple[int, int, int]) -> ActivationSpec:
     if layout == "nchw":
         return ActivationSpec("nchw", out.shape[1], (out.shape[2], out.shape[3]))

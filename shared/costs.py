@@ -11,7 +11,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from itertools import chain
 
 import torch
@@ -22,27 +21,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 
-@dataclass
-class Costs:
-    params: int
-    flops: int  # per example
-    trainable_params: int
-    memory_bytes: int  # peak inference memory, batch 1
-    finetune_memory_bytes: int  # peak memory of one training step
-    latency_ms: float  # median, batch 1, reference CPU
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def count_params(module: nn.Module) -> int:
     """All parameters; a parameter shared by several submodules is counted once."""
     return sum(p.numel() for p in module.parameters())
-
-
-def count_trainable(module: nn.Module) -> int:
-    """Parameters with requires_grad; shared ones counted once."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def state_bytes(module: nn.Module) -> int:

@@ -75,17 +75,3 @@ class NodeData:
                                   self.partition.seed)
         idx = parts[self.partition_id]
         return TensorDataset(*(t[idx] for t in train.tensors))
-
-
-def install_from_catalog(catalog, variant_id: str, device_dir: Path):
-    """Place a catalog variant in a device folder the way the device agent does (`blobs/<sha256>` +
-    `current.json`). For simulated devices and tests without a coordinator; enrolled devices download theirs."""
-    from shared.artifacts import BlobStore, atomic_write
-
-    manifest = catalog.manifest(variant_id)
-    store = BlobStore(Path(device_dir) / "blobs")
-    for block in manifest.blocks:
-        if not store.has(block.sha256):
-            store.put(catalog.store.read(block.sha256))
-    atomic_write(Path(device_dir) / "current.json", manifest.to_bytes())
-    return manifest

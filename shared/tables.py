@@ -1,6 +1,10 @@
 """Plain-text tables for terminals (no dependency, aligned columns)."""
 from __future__ import annotations
 
+import re
+
+_NUMBER = re.compile(r"-?[0-9][0-9,]*(\.[0-9]+)?(e[+-]?[0-9]+)?(%|[KMG]|[KMG]iB|B)?")
+
 
 def format_table(headers: list[str], rows: list[list], align_right: set[int] | None = None) -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
@@ -23,21 +27,19 @@ def _fmt(value) -> str:
 
 
 def _numeric(text: str) -> bool:
-    try:
-        float(text.rstrip("%MKB").replace(",", ""))
-        return True
-    except ValueError:
-        return text == "-"
+    """Numbers with or without a unit (12.5%, 3.1M, 4.7MiB) and the empty cell line up on the right."""
+    return text == "-" or _NUMBER.fullmatch(text) is not None
 
 
 def human_bytes(n: float | None) -> str:
+    """Bytes in binary units, labelled as such (1 MiB = 1024 KiB = 1,048,576 bytes)."""
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
-    return f"{n:.1f}GB"
+    return f"{n:.1f}GiB"
 
 
 def pct(x: float | None) -> str:

@@ -377,3 +377,25 @@ def write_config(path: Path, fleet: FleetConfig) -> Path:
            "fleet": asdict(fleet)}
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def install_from_catalog(catalog, variant_id: str, device_dir: Path):
+    """Place a catalog variant in a device folder the way the device agent does (`blobs/<sha256>` +
+    `current.json`), for tests without a coordinator; enrolled devices download theirs."""
+    from shared.artifacts import BlobStore, atomic_write
+
+    manifest = catalog.manifest(variant_id)
+    store = BlobStore(Path(device_dir) / "blobs")
+    for block in manifest.blocks:
+        if not store.has(block.sha256):
+            store.put(catalog.store.read(block.sha256))
+    atomic_write(Path(device_dir) / "current.json", manifest.to_bytes())
+    return manifest
+
+
+def request_count(registry_path, device_id: str) -> int:
+    """Request ids the registry remembers for a device (read from the SQLite file itself)."""
+    import sqlite3
+
+    with sqlite3.connect(registry_path) as db:
+        return db.execute("SELECT COUNT(*) FROM requests WHERE device_id = ?", (device_id,)).fetchone()[0]

@@ -12,7 +12,8 @@ import pytest
 from flwr.app import ArrayRecord
 
 from client.fl_client import HISTORY
-from shared.node_data import NodeData, install_from_catalog
+from fleet_helpers import install_from_catalog
+from shared.node_data import NodeData
 from shared.processes import HOST, port_free
 from client.supernode import SuperNode, write_node_config
 from server.fl_runner import SuperLink, commit_results, flwr_run

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 from fleet_helpers import (assert_assignment_ok, device_agents, fleet_config, free_port, http,  # noqa: F401
-                           mosquitto_broker, profile_of, synthetic_catalog, _synthetic_catalog_template, wait_until,
+                           mosquitto_broker, profile_of, request_count, synthetic_catalog, _synthetic_catalog_template, wait_until,
                            write_config)
 
 from client.fleet_sim import settled, wait_settled
@@ -69,7 +69,7 @@ def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, sy
                 (desired.request_id, desired.assignment_id, desired.version)
         for agent, device in zip(agents, devices):
             row = registry.device(agent.device_id)
-            assert registry.request_count(agent.device_id) == 1  # retries and redeliveries counted once
+            assert request_count(fleet.registry, agent.device_id) == 1  # retries and redeliveries counted once
             assert row.assignment_id == agent.desired.assignment_id
             variant = agent.desired.assignment.variant_id if agent.desired.assignment else None
             assert_assignment_ok(synthetic_catalog, profile_of(device), variant)

@@ -13,7 +13,7 @@ import re
 from dataclasses import replace
 
 from fleet_helpers import (DEVICES, assert_assignment_ok, fleet_config, fleet_coordinator, metric,  # noqa: F401
-                           mosquitto_broker, profile_of, raw_clients, synthetic_catalog, _synthetic_catalog_template)
+                           mosquitto_broker, profile_of, raw_clients, request_count, synthetic_catalog, _synthetic_catalog_template)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -183,4 +183,4 @@ def test_hostile_payloads_leave_the_registry_unchanged_and_the_coordinator_servi
     desired = decode_desired(DEVICE, reply[1])
     assert desired.request_id == "req-1"
     assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[2]), desired.assignment.variant_id)
-    assert coordinator.registry.request_count(DEVICE) == 2
+    assert request_count(coordinator.registry.path, DEVICE) == 2

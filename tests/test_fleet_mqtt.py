@@ -15,7 +15,7 @@ import pytest
 import torch
 from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, broker_fleet,  # noqa: F401
                            device_agents, embedded_broker_url, fleet_config, fleet_coordinator, free_port, http,
-                           metric, mosquitto_broker, profile_of, raw_clients, synthetic_catalog, wait_until,
+                           metric, mosquitto_broker, profile_of, raw_clients, request_count, synthetic_catalog, wait_until,
                            write_config)
 
 from client.download import fetch_blob
@@ -76,7 +76,7 @@ def test_the_same_enrollment_twice_gives_the_same_answer_and_one_row(broker_flee
     desired = decode_desired(device.id, answers[0][1])
     assert desired.request_id == "req-1" and desired.version == 1
     assert_assignment_ok(synthetic_catalog, profile_of(device), desired.assignment.variant_id)
-    assert len(coordinator.devices()) == 1 and coordinator.registry.request_count(device.id) == 1
+    assert len(coordinator.devices()) == 1 and request_count(coordinator.registry.path, device.id) == 1
     assert metric(coordinator, "fleet_enrollments_total", result="duplicate") == 1
 
 

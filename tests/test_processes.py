@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.node_data import NodeData, install_from_catalog
+from fleet_helpers import install_from_catalog
+from shared.node_data import NodeData
 from shared.processes import ManagedProcess, descendants, process_table
 from client.supernode import SuperNodeManager
 from server.fl_runner import SuperLink

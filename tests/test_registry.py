@@ -4,6 +4,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from fleet_helpers import request_count
 
 from server.registry import DeviceRow, Registry
 from shared.messages import Profile
@@ -36,7 +37,7 @@ def test_put_get_and_request_ids(registry, tmp_path):
     assert (dev.request_id, dev.version, dev.profile) == ("r2", 2, Profile(64.0, 1.0, None, agent_version="t"))
     assert registry.seen_request("d1", "r1") and registry.seen_request("d1", "r2")
     assert not registry.seen_request("d1", "r3")
-    assert registry.request_count("d1") == 2
+    assert request_count(registry.path, "d1") == 2
     registry.close()
     again = Registry(tmp_path / "fleet.db")  # committed means durable
     assert again.device("d1").assignment_id == "a2"
