@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
 import ssl
 import sys
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +31,8 @@ from urllib.parse import parse_qs, urlsplit
 from server.metrics import FleetMetrics
 from server.status_page import CONTENT_SECURITY_POLICY, PAGE
 from shared.vocabulary import SHA256, VARIANT_ID
+
+log = logging.getLogger("restnet.coordinator")
 
 MAX_POST_BYTES = 256 << 20
 CHUNK = 1 << 16
@@ -59,9 +63,10 @@ class FleetAPI(Protocol):
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     """One `bytes=` range -> (start, end inclusive); None: serve everything; "unsatisfiable": 416.
 
-    Malformed or multi-range headers are ignored (RFC 9110 allows serving the whole representation).
+    Malformed or multi-range headers are ignored (RFC 9110 allows serving the whole representation); so are
+    positions of more than 18 digits, past any file this serves.
     """
-    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    m = re.fullmatch(r"bytes=(\d{0,18})-(\d{0,18})", (header or "").strip())
     if not m or m.group(1) == m.group(2) == "":
         return None
     first, last = m.group(1), m.group(2)
@@ -90,25 +95,43 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET(head=True)
 
     def do_GET(self, head: bool = False):
-        path = urlsplit(self.path).path
+        with self._answering(head):
+            self._get(urlsplit(self.path).path, head)
+
+    def _get(self, path: str, head: bool):
+        if m := _BLOB.fullmatch(path):
+            return self._file("blob", self.api.blob_path(m.group(1)), "application/octet-stream", head)
+        if m := _MANIFEST.fullmatch(path):
+            return self._file("manifest", self.api.manifest_path(m.group(1), int(m.group(2))),
+                              "application/json", head)
+        if path == "/metrics":
+            return self._send(200, self.api.metrics.exposition(), "text/plain; version=0.0.4", head)
+        if path == "/api/devices":
+            return self._json(200, self.api.devices(), head)
+        if path == "/api/catalog":
+            return self._send(200, self.api.catalog_bytes(), "application/json", head)
+        if path in ("/", "/index.html"):
+            return self._send(200, PAGE, "text/html; charset=utf-8", head,
+                              {"Cache-Control": "no-store", "Content-Security-Policy": CONTENT_SECURITY_POLICY})
+        raise ApiError(404, f"no such resource: {path[:200]}")
+
+    @contextmanager
+    def _answering(self, head: bool = False):
+        """Every request gets a status: ApiError -> its code, anything unexpected -> 500 (and a log line)."""
+        self._started = False
         try:
-            if m := _BLOB.fullmatch(path):
-                return self._file("blob", self.api.blob_path(m.group(1)), "application/octet-stream", head)
-            if m := _MANIFEST.fullmatch(path):
-                return self._file("manifest", self.api.manifest_path(m.group(1), int(m.group(2))),
-                                  "application/json", head)
-            if path == "/metrics":
-                return self._send(200, self.api.metrics.exposition(), "text/plain; version=0.0.4", head)
-            if path == "/api/devices":
-                return self._json(200, self.api.devices(), head)
-            if path == "/api/catalog":
-                return self._send(200, self.api.catalog_bytes(), "application/json", head)
-            if path in ("/", "/index.html"):
-                return self._send(200, PAGE, "text/html; charset=utf-8", head,
-                                  {"Cache-Control": "no-store", "Content-Security-Policy": CONTENT_SECURITY_POLICY})
-            raise ApiError(404, f"no such resource: {path[:200]}")
+            yield
         except ApiError as exc:
+            if self.command == "POST":  # its body may be unread: this connection cannot carry another request
+                self.close_connection = True
             self._json(exc.status, {"error": exc.message}, head)
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            raise  # the client went away: nobody to answer (the server ignores these)
+        except Exception:
+            log.exception("HTTP %s %s failed", self.command, self.path[:200])
+            self.close_connection = True
+            if not self._started:  # past the headers the client sees a short body, which it must verify anyway
+                self._json(500, {"error": "internal error"}, head)
 
     def _file(self, kind: str, path: Path | None, ctype: str, head: bool):
         if path is None or not path.is_file():
@@ -127,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = rng if rng else (0, size - 1)
             code = 206 if rng else 200
             self.api.metrics.artifact_requests.labels(kind, str(code)).inc()
+            self._started = True
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(end - start + 1))
@@ -149,32 +173,31 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- POST -------------------------------------------------------------------------------------------
 
     def do_POST(self):
-        url = urlsplit(self.path)
-        try:
-            self._authorise()
-            body = self._body()
-            if url.path == "/api/fl/report":
-                try:
-                    report = json.loads(body)
-                except ValueError:
-                    raise ApiError(400, "body is not JSON") from None
-                return self._json(200, self.api.fl_report(report))
-            if m := _STITCH.fullmatch(url.path):
-                query = parse_qs(url.query)
-                try:
-                    accuracy = float(query["accuracy"][0])
-                except (KeyError, ValueError):
-                    raise ApiError(400, "query parameter accuracy=<float in [0, 1]> is required") from None
-                try:
-                    base_version = int(query["base_version"][0][:12])
-                except (KeyError, ValueError):
-                    raise ApiError(400, "query parameter base_version=<the version the stitch was trained from> "
-                                        "is required") from None
-                return self._json(200, self.api.stitch_update(m.group(1), accuracy, base_version, body))
-            raise ApiError(404, f"no such resource: {url.path[:200]}")
-        except ApiError as exc:
-            self.close_connection = True  # the body may be unread: this connection cannot carry another request
-            self._json(exc.status, {"error": exc.message})
+        with self._answering():
+            self._post(urlsplit(self.path))
+
+    def _post(self, url):
+        self._authorise()
+        body = self._body()
+        if url.path == "/api/fl/report":
+            try:
+                report = json.loads(body)
+            except ValueError:
+                raise ApiError(400, "body is not JSON") from None
+            return self._json(200, self.api.fl_report(report))
+        if m := _STITCH.fullmatch(url.path):
+            query = parse_qs(url.query)
+            try:
+                accuracy = float(query["accuracy"][0])
+            except (KeyError, ValueError):
+                raise ApiError(400, "query parameter accuracy=<float in [0, 1]> is required") from None
+            try:
+                base_version = int(query["base_version"][0][:12])
+            except (KeyError, ValueError):
+                raise ApiError(400, "query parameter base_version=<the version the stitch was trained from> "
+                                    "is required") from None
+            return self._json(200, self.api.stitch_update(m.group(1), accuracy, base_version, body))
+        raise ApiError(404, f"no such resource: {url.path[:200]}")
 
     def _authorise(self):
         if self.token is None:
@@ -198,6 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json", head)
 
     def _send(self, status: int, data: bytes, ctype: str, head: bool = False, headers: dict | None = None):
+        self._started = True
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         for name, value in (headers or {}).items():

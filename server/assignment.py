@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 
 from shared.catalog import VariantRecord
@@ -30,8 +31,11 @@ class Needs:
     latency_ms: float  # on the reference CPU (measured, or estimated from FLOPs)
 
     def compute_for(self, latency_target_ms: float | None) -> float | None:
-        """The compute score a device needs to meet its latency target (None: no target, no need)."""
-        return None if latency_target_ms is None else self.latency_ms / latency_target_ms
+        """The compute score a device needs to meet its latency target (None: no target, no need). Finite even
+        for a target so small that the quotient overflows: the largest float then says "out of reach"."""
+        if latency_target_ms is None:
+            return None
+        return min(self.latency_ms / latency_target_ms, sys.float_info.max)
 
 
 def expected_score(rec: VariantRecord) -> float:

@@ -7,6 +7,7 @@ worker, inside its transaction: answers are published after they are committed.
 """
 from __future__ import annotations
 
+import logging
 import uuid
 
 from server.metrics import FleetMetrics
@@ -17,6 +18,8 @@ from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageErro
                              decode, encode, parse_topic, topic)
 
 DEVICE_TOPICS = ("enroll", "status", "state", "heartbeat")  # what devices publish and the coordinator reads
+
+log = logging.getLogger("restnet.coordinator")
 
 
 class Enrollment:
@@ -35,7 +38,14 @@ class Enrollment:
                                     encode(ErrorReply(exc.code, exc.message, exc.request_id)), False))
             return
         if isinstance(msg, Enroll):
-            self._enroll(msg, out, now, item.arrived)
+            try:
+                self._enroll(msg, out, now, item.arrived)
+            except Exception:  # our fault, not the device's: say so, or it would retry the same request forever
+                log.exception("could not answer enrollment %s of %s", msg.request_id, msg.device_id)
+                self.metrics.rejected.labels("internal").inc()
+                reply = ErrorReply("internal", "the coordinator failed on this enrollment; it was not applied",
+                                   msg.request_id)
+                out.append(Outgoing(topic(msg.device_id, "error"), encode(reply), False))
         elif isinstance(msg, Status):
             self.metrics.status_reports.labels(msg.state).inc()
             self.registry.set_state(msg.device_id, msg.assignment_id, msg.state.lower(), msg.reason, now)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shared.config import FleetConfig
 from shared.errors import ConfigError
-from shared.messages import TOPIC_ROOT
+from shared.messages import PUBLISH_OVERHEAD, TOPIC_ROOT
 from shared.vocabulary import valid_device_id
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
@@ -75,7 +75,8 @@ def mosquitto_conf(folder: Path, port: int, bind: str = "127.0.0.1", tls: tuple[
         # Mosquitto's defaults (20 in flight, 1000 queued) cap QoS-1 throughput at a few hundred messages/s.
         f"max_inflight_messages {INFLIGHT}",
         f"max_queued_messages {QUEUED}",
-        f"max_packet_size {max_payload + 1024}",
+        # No payload over max_payload passes, except by the few bytes a shorter topic leaves of the header allowance.
+        f"max_packet_size {max_payload + PUBLISH_OVERHEAD}",
         # Without it, a message that follows another to the same client waits ~40 ms (Nagle vs delayed ACK).
         "set_tcp_nodelay true",
         "persistence true",

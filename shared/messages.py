@@ -23,10 +23,13 @@ from shared.vocabulary import DEVICE_ID, SHA256, TOKEN, VARIANT_ID, valid_device
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "fleet/v1"
 MAX_PAYLOAD_BYTES = 4096  # device -> coordinator messages; well below the broker's own limit
-MAX_INT = 2**53  # JSON numbers beyond this lose precision in other languages
+MAX_INT = 2**53 - 1  # integers stay below 2^53: beyond it JSON numbers lose precision in other languages
 KINDS = ("enroll", "desired", "status", "state", "heartbeat", "error")
+# The most a PUBLISH packet adds to its payload on a fleet topic: fixed header (1 + 4 bytes of remaining length),
+# topic length (2) and the longest topic, packet id (2), MQTT 5 property length (1).
+PUBLISH_OVERHEAD = 5 + 2 + len(f"{TOPIC_ROOT}/dev/") + 64 + 1 + max(map(len, KINDS)) + 2 + 1
 STATUS_STATES = ("DOWNLOADING", "VERIFIED", "INSTALLED", "FAILED")
-ERROR_CODES = ("oversize", "malformed_json", "unknown_version", "schema", "id_mismatch", "bad_topic")
+ERROR_CODES = ("oversize", "malformed_json", "unknown_version", "schema", "id_mismatch", "bad_topic", "internal")
 
 
 class MessageError(Exception):
@@ -210,19 +213,12 @@ def decode(kind: str, topic_device_id: str, payload: bytes):
         raise MessageError("bad_topic", f"devices do not publish {kind!r} messages")
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MessageError("oversize", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise MessageError("malformed_json", f"payload is not JSON: {str(exc)[:80]}") from None
+    data = _parse(payload)
     if not isinstance(data, dict):
         raise MessageError("schema", "payload must be a JSON object")
     rid = data.get("request_id")
     rid = rid if isinstance(rid, str) and TOKEN.fullmatch(rid) else None
-    if "v" not in data:
-        raise MessageError("schema", "missing schema version field 'v'", rid)
-    if data["v"] != SCHEMA_VERSION or isinstance(data["v"], bool):
-        raise MessageError("unknown_version", f"schema version {str(data['v'])[:20]!r} is not supported "
-                           f"(this coordinator speaks {SCHEMA_VERSION})", rid)
+    _check_version(data, rid)
     msg = _validate(_FROM_DEVICES[kind], kind, data, rid)
     if msg.device_id != topic_device_id:
         raise MessageError("id_mismatch", f"payload device_id {msg.device_id!r} differs from the topic's "
@@ -244,13 +240,49 @@ def decode_desired(device_id: str, payload: bytes) -> Desired:
 
 
 def _plain(kind: str, payload: bytes) -> dict:
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        raise MessageError("malformed_json", f"{kind} payload is not JSON") from None
-    if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
-        raise MessageError("unknown_version", f"{kind} payload has no supported schema version")
+    data = _parse(payload)
+    if not isinstance(data, dict):
+        raise MessageError("schema", f"{kind} payload must be a JSON object")
+    _check_version(data, None)
     return data
+
+
+def _parse(payload: bytes):
+    """JSON as the protocol defines it: UTF-8 without a byte-order mark, no key twice in an object (readers that
+    keep the first and readers that keep the last would see different messages), no NaN or Infinity (not JSON)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("malformed_json", "payload is not UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise MessageError("malformed_json", "payload starts with a byte-order mark")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:
+        raise MessageError("malformed_json", f"payload is not JSON: {str(exc)[:80]}") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice[:40]!r} appears twice in one object")
+    return data
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _check_version(data: dict, request_id: str | None) -> None:
+    """`v` is the JSON integer 1: another integer is a version this side does not speak, anything else is no version."""
+    v = data.get("v")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise MessageError("schema", "field 'v' (the schema version) must be an integer", request_id)
+    if v != SCHEMA_VERSION:
+        raise MessageError("unknown_version", f"schema version {str(v)[:20]} is not supported "
+                           f"(this side speaks {SCHEMA_VERSION})", request_id)
 
 
 def _validate(adapter: TypeAdapter, kind: str, data: dict, request_id: str | None = None):

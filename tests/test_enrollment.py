@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import replace
 
 from fleet_helpers import (DEVICES, MARGIN, _synthetic_catalog_template, assert_assignment_ok,  # noqa: F401
                            profile_of, synthetic_catalog)
@@ -66,3 +68,26 @@ def test_a_version_published_by_another_writer_reaches_the_devices_on_it(tmp_pat
     desired = decode_desired(device.id, out[0].payload)
     assert desired.version == row.version + 1 and desired.assignment.variant_version == 2
     assert json.loads(registry.get(device.id).desired)["assignment"]["variant_version"] == 2
+
+
+def test_a_latency_target_too_small_for_any_variant_is_refused_not_crashed(tmp_path, synthetic_catalog):
+    registry, _, enrollment = parts(tmp_path, synthetic_catalog)
+    device = replace(DEVICES[2], latency_ms=5e-324)  # in range for the schema; the compute it needs overflows
+    (answer,) = enroll(enrollment, registry, device)
+    desired = decode_desired(device.id, answer.payload)
+    assert desired.assignment is None and desired.refusal.smallest["compute"] == sys.float_info.max
+    assert registry.get(device.id).state == "refused"
+
+
+def test_a_failure_of_ours_answers_the_device_instead_of_leaving_it_retrying(tmp_path, synthetic_catalog,
+                                                                            monkeypatch):
+    registry, versions, enrollment = parts(tmp_path, synthetic_catalog)
+
+    def broken(variant_id):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(versions, "assignment", broken)
+    (answer,) = enroll(enrollment, registry, DEVICES[0], request_id="r7")
+    error = decode_error(answer.payload)
+    assert (answer.topic, error.code, error.request_id) == (topic(DEVICES[0].id, "error"), "internal", "r7")
+    assert registry.get(DEVICES[0].id) is None  # nothing applied

@@ -90,9 +90,10 @@ def unknown_field(draw, kind):
 @st.composite
 def wrong_version(draw, kind):
     payload = valid(kind)
-    version = draw(json_values.filter(lambda v: v != 1 or isinstance(v, bool)))
+    version = draw(json_values.filter(lambda v: v != 1 or isinstance(v, (bool, float))))
     payload["v"] = version
-    return json.dumps(payload).encode(), {"unknown_version"}
+    integer = isinstance(version, int) and not isinstance(version, bool)
+    return json.dumps(payload).encode(), {"unknown_version"} if integer else {"schema"}
 
 
 @st.composite
@@ -165,6 +166,8 @@ def test_hostile_payloads_leave_the_registry_unchanged_and_the_coordinator_servi
     @given(hostile())
     def one_payload(case):
         kind, payload, codes = case
+        if re.search(rb"\bNaN\b|Infinity", payload) and codes != {"oversize"}:
+            codes = {"malformed_json"}  # json.dumps wrote a non-finite float: not JSON
         device.publish(topic(DEVICE, kind), payload)
         reply = device.next_message()
         assert reply is not None and reply[0] == topic(DEVICE, "error"), (kind, payload[:200])

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from fleet_helpers import (DEVICES, assert_assignment_ok, device_agents, fleet_config, fleet_coordinator,  # noqa: F401
-                           free_port, http, mosquitto_broker, profile_of, raw_clients, synthetic_catalog,
+                           free_port, http, metric, mosquitto_broker, profile_of, raw_clients, synthetic_catalog,
                            _synthetic_catalog_template, tls_cert, wait_until, write_config)
 
 from client.fleet_sim import settled
@@ -16,7 +16,8 @@ from restnet.cli import main as fleet_cli
 from server.coordinator import Coordinator
 from shared.artifacts import BlobStore, sha256_bytes
 from shared.errors import ConfigError
-from shared.messages import Enroll, Presence, Profile, Status, decode_desired, encode, topic
+from shared.messages import (PUBLISH_OVERHEAD, Enroll, Presence, Profile, Status, decode_desired, decode_error,
+                             encode, topic)
 
 
 def mosquitto_fleet(tmp_path, mosquitto_broker, tls=None, **overrides):
@@ -160,3 +161,32 @@ def test_a_coordinator_with_wrong_credentials_fails_with_a_clear_error(tmp_path,
         Coordinator(wrong, synthetic_catalog).start()
     with socket.socket() as s:  # its HTTP port was released
         s.bind(("127.0.0.1", wrong.http_port))
+
+
+def test_the_broker_drops_a_payload_past_its_limit_before_the_coordinator_sees_it(tmp_path, mosquitto_broker,
+                                                                                   synthetic_catalog, raw_clients,
+                                                                                   fleet_coordinator):
+    fleet = mosquitto_fleet(tmp_path, mosquitto_broker)
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    device = DEVICES[0]
+
+    def connected():
+        client = raw_clients(fleet.broker.url, device.id, device.id, device.password)
+        assert not client.connect().is_failure
+        client.subscribe(topic(device.id, "error"))
+        return client
+
+    def oversize_replies() -> float:
+        return metric(coordinator, "fleet_messages_rejected_total", reason="oversize")
+
+    client = connected()
+    client.publish(topic(device.id, "enroll"), b"x" * fleet.broker.max_payload)  # at the limit: delivered...
+    assert decode_error(client.next_message(10)[1]).code == "oversize"  # ...and refused by the coordinator
+    assert oversize_replies() == 1
+
+    client.client.publish(topic(device.id, "enroll"), b"x" * (fleet.broker.max_payload + PUBLISH_OVERHEAD + 1), qos=1)
+    assert wait_until(lambda: not client.client.is_connected(), 10)  # the broker hung up on the sender
+    again = connected()
+    again.publish(topic(device.id, "enroll"), b"x" * 5000)
+    assert decode_error(again.next_message(10)[1]).code == "oversize"
+    assert oversize_replies() == 2  # the one past the broker's limit never reached the coordinator
