@@ -22,6 +22,7 @@ from shared.mqtt import make_client
 from shared.artifacts import Manifest, atomic_write, sha256_bytes
 from shared.config import BrokerConfig
 from shared.errors import IntegrityError
+from shared.signing import SignatureError, Verifier
 from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageError, Presence, Profile, Status,
                              decode_desired, decode_error, encode, topic)
 
@@ -33,7 +34,10 @@ RETRY_MAX_S = 60.0
 class DeviceAgent:
     def __init__(self, device_id: str, broker: BrokerConfig, password: str | None, profile: Profile,
                  device_dir: Path | str, http_ca_file: str | None = None, heartbeat_s: float = 10.0,
-                 enroll_retry_s: float = 5.0, on_installed: Callable[[Path], None] | None = None):
+                 enroll_retry_s: float = 5.0, on_installed: Callable[[Path], None] | None = None,
+                 trusted: Verifier | None = None):
+        """`trusted`: the coordinator's public keys; with them, a desired state or manifest that is not signed by
+        one of them is refused (the installed variant stays, the refusal is reported as FAILED)."""
         self.device_id = device_id
         self.device_dir = Path(device_dir)
         self.device_dir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +46,7 @@ class DeviceAgent:
         self.heartbeat_s = heartbeat_s
         self.enroll_retry_s = enroll_retry_s
         self.on_installed = on_installed
+        self.trusted = trusted
         # Devices authenticate with their own credentials; client certificates are the coordinator's.
         self.client, self.address = make_client(dataclasses.replace(broker, cert_file=None, key_file=None),
                                                 device_id, device_id, password, clean_session=False)
@@ -140,7 +145,11 @@ class DeviceAgent:
     def _on_message(self, client, userdata, msg):
         try:
             if msg.topic.endswith("/desired"):
-                desired = decode_desired(self.device_id, msg.payload)
+                try:
+                    desired = decode_desired(self.device_id, msg.payload, self.trusted)
+                except SignatureError as exc:
+                    self._refuse_unsigned(exc)
+                    return
                 with self._cond:
                     if self.desired is None or desired.version >= self.desired.version:
                         self.desired = desired
@@ -156,6 +165,17 @@ class DeviceAgent:
                     self._cond.notify_all()
         except MessageError as exc:
             log.warning("%s: ignoring a bad message on %s: %s", self.device_id, msg.topic, exc)
+
+    def _refuse_unsigned(self, exc: SignatureError) -> None:
+        """A desired state the coordinator did not sign (a forged or replaced retained message, a broker that lets
+        others publish): keep what is installed, and say so against the last instruction that did verify."""
+        reason = f"desired state refused: {exc}"[:500]
+        log.warning("%s: %s", self.device_id, reason)
+        with self._cond:
+            self.failure, last = reason, self.desired
+            self._cond.notify_all()
+        if last is not None:
+            self._report(last, "FAILED", reason)
 
     # ---- the worker -------------------------------------------------------------------------------------
 
@@ -210,7 +230,7 @@ class DeviceAgent:
         self._report(desired, "DOWNLOADING")
         try:
             manifest = install(a, self.device_dir, self.http_ca_file,
-                               on_verified=lambda m: self._report(desired, "VERIFIED"))
+                               on_verified=lambda m: self._report(desired, "VERIFIED"), trusted=self.trusted)
         except (IntegrityError, DownloadError, OSError) as exc:
             reason = str(exc)[:500]
             log.warning("%s: install of %s v%d failed: %s", self.device_id, a.variant_id, a.variant_version, reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import ssl
 import urllib.error
@@ -19,9 +20,11 @@ from pathlib import Path
 from shared.artifacts import BlobStore, Manifest, atomic_write, sha256_bytes
 from shared.errors import IntegrityError
 from shared.messages import Assignment
+from shared.signing import SignatureError, Verifier
 
 CHUNK = 1 << 16
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_SIGNATURE_BYTES = 4096
 TIMEOUT_S = 30.0
 
 
@@ -35,13 +38,20 @@ def current_manifest_bytes(device_dir: Path) -> bytes | None:
 
 
 def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None,
-            on_verified=None) -> Manifest:
-    """Make `assignment` the device's current variant, downloading only the blocks it lacks."""
+            on_verified=None, trusted: Verifier | None = None) -> Manifest:
+    """Make `assignment` the device's current variant, downloading only the blocks it lacks. With `trusted`
+    keys the manifest's own signature must verify too."""
     device_dir = Path(device_dir)
     context = ssl.create_default_context(cafile=ca_file) if assignment.manifest_url.startswith("https:") else None
     data = _get(assignment.manifest_url, context, limit=MAX_MANIFEST_BYTES)
     if sha256_bytes(data) != assignment.manifest_sha256:
         raise IntegrityError(f"manifest of {assignment.variant_id} does not match the sha256 in the assignment")
+    if trusted is not None:
+        try:
+            signature = json.loads(_get(assignment.manifest_url + ".sig", context, limit=MAX_SIGNATURE_BYTES))
+        except ValueError:
+            raise SignatureError(f"the signature of the manifest of {assignment.variant_id} is not JSON") from None
+        trusted.verify(data, signature)
     manifest = Manifest.from_bytes(data)
     if (manifest.variant_id, manifest.version) != (assignment.variant_id, assignment.variant_version):
         raise IntegrityError(f"manifest is {manifest.variant_id} v{manifest.version}, "

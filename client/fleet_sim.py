@@ -10,6 +10,7 @@ from client.agent import DeviceAgent
 from client.profile import device_profile
 from shared.config import FleetConfig
 from shared.errors import ConfigError
+from shared.signing import load_verifier
 
 
 def start_fleet(fleet: FleetConfig, root: Path | str | None = None, only: list[str] | None = None,
@@ -22,6 +23,7 @@ def start_fleet(fleet: FleetConfig, root: Path | str | None = None, only: list[s
         raise ConfigError(f"not in fleet.devices: {', '.join(unknown)}")
     agent_options.setdefault("heartbeat_s", fleet.heartbeat_s)
     agent_options.setdefault("http_ca_file", fleet.http_ca_file)
+    agent_options.setdefault("trusted", load_verifier(fleet.trusted_keys))
     return [DeviceAgent(d.id, fleet.broker, d.password, device_profile(d), root / d.id, on_installed=on_installed,
                         **agent_options).start() for d in devices]
 

@@ -79,6 +79,7 @@ def run(args) -> int:
     from server.run_config import run_config
     from shared.catalog import Catalog
     from shared.config import load_config
+    from shared.signing import generate_key
 
     config_path = Path(args.config)
     cfg = load_config(config_path)
@@ -95,6 +96,10 @@ def run(args) -> int:
     fleet = cfg.fleet
     fleet.registry = str(run_dir / "fleet.db")
     fleet.device_root = str(run_dir / "devices")
+    if not fleet.signing_key:  # the trust chain on, as in production: the demo's own key, trusted by its devices
+        generate_key(run_dir / "keys" / "coordinator.key", run_dir / "keys" / "coordinator.pub")
+        fleet.signing_key, fleet.trusted_keys = str(run_dir / "keys" / "coordinator.key"), [
+            str(run_dir / "keys" / "coordinator.pub")]
     if args.http_port is not None:
         fleet.http_port = args.http_port or free_port()
     if fleet.broker.url.startswith("embedded") and args.broker_port is not None:

@@ -18,6 +18,9 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--config", required=True, help="fleet config YAML")
     d.add_argument("--id", required=True, help="device id (its MQTT username and client id)")
     d.add_argument("--dir", help="device folder (default: fleet.device_root/ID)")
+    d.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="the coordinator's public key (repeat during a key rotation); instructions not signed by one "
+                        "are refused (default: fleet.trusted_keys)")
     d.add_argument("--measure", action="store_true",
                    help="measure memory and compute here instead of taking them from fleet.devices")
     d.add_argument("--latency-ms", type=float, help="latency target, with --measure")
@@ -66,6 +69,7 @@ def _partition(text: str) -> tuple[int, int]:
 def _device(args) -> int:
     from client.agent import DeviceAgent
     from client.profile import budget_changed, device_profile
+    from shared.signing import load_verifier
     from shared.vocabulary import valid_device_id
 
     cfg = _load(args)
@@ -89,8 +93,11 @@ def _device(args) -> int:
         if nodes is not None:
             nodes.on_installed(d)
 
+    trusted = load_verifier(args.trusted_key or fleet.trusted_keys)
+    if trusted is None:
+        print(f"{args.id}: no trusted keys: instructions are taken unsigned (see docs/SECURITY.md)", flush=True)
     agent = DeviceAgent(args.id, fleet.broker, password, profile, folder, fleet.http_ca_file, fleet.heartbeat_s,
-                        on_installed=installed)
+                        on_installed=installed, trusted=trusted)
     agent.start()
     threading.Thread(target=_report_changes, args=([agent],), daemon=True).start()
     stop = stop_event()

@@ -2,6 +2,7 @@
 
   GET  /  (or /index.html)                       the fleet status page (server/status_page.py)
   GET  /manifests/<variant_id>/v<version>.json   manifest bytes (devices check their sha256 from the desired state)
+  GET  /manifests/<variant_id>/v<version>.json.sig   the coordinator's signature on them (JSON: key_id, sig)
   GET  /blobs/<sha256>                           a content-addressed block; single `Range: bytes=` requests -> 206
   GET  /metrics                                  Prometheus exposition
   GET  /api/devices                              the registry as JSON
@@ -36,7 +37,7 @@ log = logging.getLogger("restnet.coordinator")
 
 MAX_POST_BYTES = 256 << 20
 CHUNK = 1 << 16
-_MANIFEST = re.compile(rf"/manifests/({VARIANT_ID.pattern})/v([0-9]{{1,12}})\.json")
+_MANIFEST = re.compile(rf"/manifests/({VARIANT_ID.pattern})/v([0-9]{{1,12}})\.json(\.sig)?")
 _BLOB = re.compile(rf"/blobs/({SHA256.pattern})")
 _STITCH = re.compile(rf"/api/variants/({VARIANT_ID.pattern})/stitch")
 
@@ -102,8 +103,10 @@ class _Handler(BaseHTTPRequestHandler):
         if m := _BLOB.fullmatch(path):
             return self._file("blob", self.api.blob_path(m.group(1)), "application/octet-stream", head)
         if m := _MANIFEST.fullmatch(path):
-            return self._file("manifest", self.api.manifest_path(m.group(1), int(m.group(2))),
-                              "application/json", head)
+            manifest = self.api.manifest_path(m.group(1), int(m.group(2)))
+            if m.group(3):  # its signature
+                return self._file("signature", manifest and Path(f"{manifest}{m.group(3)}"), "application/json", head)
+            return self._file("manifest", manifest, "application/json", head)
         if path == "/metrics":
             return self._send(200, self.api.metrics.exposition(), "text/plain; version=0.0.4", head)
         if path == "/api/devices":

@@ -25,6 +25,7 @@ from shared.config import FleetConfig
 from shared.errors import ConfigError, IntegrityError
 from shared.messages import TOPIC_ROOT
 from shared.mqtt import parse_url
+from shared.signing import load_signer
 from shared.vocabulary import valid_variant_id
 
 log = logging.getLogger("restnet.coordinator")
@@ -33,10 +34,11 @@ log = logging.getLogger("restnet.coordinator")
 class Coordinator:
     def __init__(self, fleet: FleetConfig, catalog: Catalog):
         self.fleet = fleet
+        signer = load_signer(fleet.signing_key) if fleet.signing_key else None
         self.registry = Registry(fleet.registry)
         self.metrics = FleetMetrics(self.registry)
-        self.variants = VariantVersions(catalog, fleet.memory_margin)
-        self.enrollment = Enrollment(self.registry, self.variants, self.metrics)
+        self.variants = VariantVersions(catalog, fleet.memory_margin, signer=signer)
+        self.enrollment = Enrollment(self.registry, self.variants, self.metrics, signer)
         self.fl_reports = FLReports(self.metrics)
         for variant_id, accuracy in self.variants.accuracies().items():
             self.metrics.variant_accuracy.labels(variant_id).set(accuracy)
@@ -73,6 +75,9 @@ class Coordinator:
         if address.embedded:
             self._embedded = EmbeddedBroker(address, f.broker.max_payload).start()
         self.transport.start()
+        resigned = self.transport.call(self.enrollment.resign_all)
+        if resigned:
+            log.info("signed %d stored desired states with key %s", resigned, self.enrollment.signer.key_id)
 
     def stop(self) -> None:
         self.transport.stop()

@@ -7,6 +7,7 @@ worker, inside its transaction: answers are published after they are committed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 
@@ -15,7 +16,8 @@ from server.registry import DeviceRow, Registry
 from server.transport import Incoming, Outgoing
 from server.versioning import VariantVersions
 from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageError, Presence, Profile, Refusal, Status,
-                             decode, encode, parse_topic, topic)
+                             decode, decode_desired, encode, parse_topic, topic)
+from shared.signing import Signer
 
 DEVICE_TOPICS = ("enroll", "status", "state", "heartbeat")  # what devices publish and the coordinator reads
 
@@ -23,8 +25,9 @@ log = logging.getLogger("restnet.coordinator")
 
 
 class Enrollment:
-    def __init__(self, registry: Registry, variants: VariantVersions, metrics: FleetMetrics):
-        self.registry, self.variants, self.metrics = registry, variants, metrics
+    def __init__(self, registry: Registry, variants: VariantVersions, metrics: FleetMetrics,
+                 signer: Signer | None = None):
+        self.registry, self.variants, self.metrics, self.signer = registry, variants, metrics, signer
 
     def handle(self, item: Incoming, out: list[Outgoing], now: float) -> None:
         """One device message: validated, applied to the registry; answers and errors appended to `out`."""
@@ -78,7 +81,7 @@ class Enrollment:
             version, assignment_id, reason = (prev.version + 1 if prev else 1), uuid.uuid4().hex[:16], None
             state = "assigned" if assignment else "refused"
             result = "refused" if refusal else ("assigned" if prev is None else "reassigned")
-        desired = encode(Desired(device_id, version, assignment_id, request_id, assignment, refusal))
+        desired = encode(Desired(device_id, version, assignment_id, request_id, assignment, refusal), self.signer)
         row = DeviceRow(device_id, profile, request_id, version, assignment_id, variant[0], variant[1], desired,
                         state, reason, prev.enrolled_at if prev else now, now)
         return row, result
@@ -96,6 +99,23 @@ class Enrollment:
             out.append(Outgoing(topic(row.id, "desired"), row.desired, True))
             moved += 1
         return moved
+
+    def resign_all(self, out: list[Outgoing], now: float) -> int:
+        """Desired states signed by another key (or none) signed again by ours and published: after a key
+        rotation, devices that trust only the new key still get their instructions. Content and versions stay."""
+        if self.signer is None:
+            return 0
+        resigned = 0
+        for device_id, payload in self.registry.all_desired():
+            data = json.loads(payload)
+            if data.get("key_id") == self.signer.key_id:
+                continue
+            row = self.registry.get(device_id)
+            row.desired = encode(decode_desired(device_id, payload), self.signer)
+            self.registry.put(row)
+            out.append(Outgoing(topic(device_id, "desired"), row.desired, True))
+            resigned += 1
+        return resigned
 
     def republish_all(self, out: list[Outgoing], now: float) -> int:
         """Every device's retained desired state again (for a broker that lost them)."""

@@ -7,6 +7,7 @@ Either way the caller then moves the devices on a changed variant to its new ver
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -15,16 +16,17 @@ from pathlib import Path
 import torch
 
 from server.assignment import Assigner
-from shared.artifacts import Manifest
+from shared.artifacts import Manifest, atomic_write
 from shared.catalog import Catalog, manifest_path
 from shared.messages import Assignment
+from shared.signing import Signer
 
 log = logging.getLogger("restnet.coordinator")
 
 
 class VariantVersions:
-    def __init__(self, catalog: Catalog, memory_margin: float, public_url: str = ""):
-        self.memory_margin, self.public_url = memory_margin, public_url
+    def __init__(self, catalog: Catalog, memory_margin: float, public_url: str = "", signer: Signer | None = None):
+        self.memory_margin, self.public_url, self.signer = memory_margin, public_url, signer
         self._adopt(catalog)
 
     def _adopt(self, catalog: Catalog) -> None:
@@ -32,6 +34,21 @@ class VariantVersions:
         self.assigner = Assigner(catalog.variants, self.memory_margin)
         self._assignments: dict[str, Assignment] = {}
         self._stamp = _stamp(catalog.root)
+        self._sign_manifests()
+
+    def _sign_manifests(self) -> None:
+        """Every manifest of the catalog signed by our key, beside it (`<manifest>.sig`): new versions, however
+        they were published, and all of them after a key rotation."""
+        if self.signer is None:
+            return
+        for rec in self.catalog.variants:
+            for version in range(1, rec.version + 1):
+                path = self.catalog.root / manifest_path(rec.id, version)
+                sig = Path(f"{path}.sig")
+                if not path.is_file() or (sig.is_file() and json.loads(sig.read_bytes()).get("key_id")
+                                          == self.signer.key_id):
+                    continue
+                atomic_write(sig, json.dumps(self.signer.sign(path.read_bytes())).encode())
 
     def assignment(self, variant_id: str) -> Assignment:
         """What a desired state says about the variant's current version: where its manifest is, its sha256."""

@@ -127,6 +127,8 @@ class FleetConfig:
     http_key_file: str | None = None  # ...and key
     http_ca_file: str | None = None  # what devices trust for HTTPS (the coordinator's CA or self-signed cert)
     api_token: str | None = None  # required as `Authorization: Bearer` on POST /api/... when set
+    signing_key: str | None = None  # the coordinator's Ed25519 private key: signs desired states and manifests
+    trusted_keys: list[str] = field(default_factory=list)  # public keys devices accept signatures from
     catalog: str = "catalog"  # the catalog folder the coordinator serves
     device_root: str = "devices"  # where `restnet device(s)` keep each device's installed variant
     memory_margin: Float = 0.2  # safety margin: a variant fits when (inference + fine-tune memory) x (1 + margin) <= device memory

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, PlainValidator, StrictBool, TypeAdapter, Valida
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
+from shared.signing import SIGNATURE_FIELDS, Signer, Verifier
 from shared.vocabulary import DEVICE_ID, SHA256, TOKEN, VARIANT_ID, valid_device_id
 
 SCHEMA_VERSION = 1
@@ -200,9 +201,12 @@ _DESIRED, _ERROR = TypeAdapter(Desired), TypeAdapter(ErrorReply)
 
 # ---- encoding --------------------------------------------------------------------------------------------
 
-def encode(msg) -> bytes:
-    """Any message -> compact JSON bytes with the schema version."""
-    return json.dumps({"v": SCHEMA_VERSION, **asdict(msg)}, separators=(",", ":"), allow_nan=False).encode()
+def encode(msg, signer: Signer | None = None) -> bytes:
+    """Any message -> compact JSON bytes with the schema version; signed (`key_id`, `sig`) when a signer is given."""
+    obj = {"v": SCHEMA_VERSION, **asdict(msg)}
+    if signer is not None:
+        obj = signer.sign_object(obj)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
 # ---- decoding --------------------------------------------------------------------------------------------
@@ -231,9 +235,14 @@ def decode_error(payload: bytes) -> ErrorReply:
     return _validate(_ERROR, "error", _plain("error", payload))
 
 
-def decode_desired(device_id: str, payload: bytes) -> Desired:
-    """Desired states are not size-limited like device input, but are validated just as strictly."""
-    msg = _validate(_DESIRED, "desired", _plain("desired", payload))
+def decode_desired(device_id: str, payload: bytes, verifier: Verifier | None = None) -> Desired:
+    """Desired states are not size-limited like device input, but are validated just as strictly. With a
+    verifier (the device's trusted keys) the signature must verify first (SignatureError otherwise); without one,
+    signature members are ignored."""
+    data = _plain("desired", payload)
+    content = verifier.open_object(data) if verifier is not None else \
+        {k: v for k, v in data.items() if k not in SIGNATURE_FIELDS}
+    msg = _validate(_DESIRED, "desired", content)
     if msg.device_id != device_id:
         raise MessageError("id_mismatch", f"desired state for {msg.device_id!r} received by {device_id!r}")
     return msg

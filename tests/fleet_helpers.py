@@ -220,10 +220,12 @@ def tls_cert(tmp_path_factory) -> tuple[str, str]:
 def start_agent(fleet: FleetConfig, device: DeviceConfig, tmp_path: Path, **kwargs):
     """A DeviceAgent for a configured device, with test-friendly retry and heartbeat periods."""
     from client.agent import DeviceAgent
+    from shared.signing import load_verifier
 
     kwargs.setdefault("enroll_retry_s", 1.0)
     kwargs.setdefault("heartbeat_s", fleet.heartbeat_s)
     kwargs.setdefault("http_ca_file", fleet.http_ca_file)
+    kwargs.setdefault("trusted", load_verifier(fleet.trusted_keys))
     return DeviceAgent(device.id, fleet.broker, device.password, profile_of(device),
                        tmp_path / "devices" / device.id, **kwargs).start()
 

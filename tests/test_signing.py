@@ -1,0 +1,199 @@
+"""Signed instructions: the chain a device checks (trusted key -> signed desired state -> manifest sha256 -> block
+sha256), with a real broker anyone may publish on (the embedded one has no ACL: a misconfigured broker) and a
+man in the middle on the artifacts' plain HTTP."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, device_agents,  # noqa: F401
+                           embedded_broker_url, fleet_config, fleet_coordinator, profile_of, raw_clients,
+                           synthetic_catalog, wait_until)
+
+from client.download import install
+from client.fleet_sim import settled
+from server.registry import Registry
+from shared.errors import IntegrityError
+from shared.messages import Assignment, Desired, Refusal, decode_desired, encode, topic
+from shared.signing import SignatureError, canonical, generate_key, load_signer, load_verifier
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Two key pairs: `old` and `new` -> (private path, public path)."""
+    made = {}
+    for name in ("old", "new", "stranger"):
+        generate_key(tmp_path / "keys" / f"{name}.key", tmp_path / "keys" / f"{name}.pub")
+        made[name] = (str(tmp_path / "keys" / f"{name}.key"), str(tmp_path / "keys" / f"{name}.pub"))
+    return made
+
+
+def desired(version=1, device="dev-small") -> Desired:
+    return Desired(device, version, "a1", "r1", None, Refusal("nothing fits", {"variant_id": None}))
+
+
+# ---- the signature itself -------------------------------------------------------------------------------------
+
+def test_a_signed_desired_state_verifies_and_anything_else_is_refused(keys):
+    signer, trusted = load_signer(keys["old"][0]), load_verifier([keys["old"][1]])
+    payload = encode(desired(), signer)
+    assert decode_desired("dev-small", payload, trusted) == desired()
+    assert decode_desired("dev-small", payload) == desired()  # a device without keys ignores signatures
+
+    data = json.loads(payload)
+    forged = {**data, "version": 9}  # content changed after signing
+    unsigned = {k: v for k, v in data.items() if k not in ("key_id", "sig")}
+    other = load_signer(keys["stranger"][0]).sign_object(unsigned)
+    broken = {**data, "sig": "not base64!"}
+    for bad, why in [(forged, "does not match"), (unsigned, "not signed"), (other, "does not trust"),
+                     (broken, "does not match")]:
+        with pytest.raises(SignatureError, match=why):
+            decode_desired("dev-small", json.dumps(bad).encode(), trusted)
+    # During a rotation a device trusts both keys.
+    both = load_verifier([keys["old"][1], keys["new"][1]])
+    for name in ("old", "new"):
+        assert decode_desired("dev-small", encode(desired(), load_signer(keys[name][0])), both) == desired()
+
+
+def test_the_canonical_form_is_independent_of_member_order():
+    assert canonical({"b": 1, "a": [1.5, "é"]}) == b'{"a":[1.5,"\\u00e9"],"b":1}'
+
+
+# ---- on a running fleet ---------------------------------------------------------------------------------------
+
+def signed_fleet(tmp_path, url, keys, signing="old", trusted=("old",)):
+    return fleet_config(tmp_path, url, signing_key=keys[signing][0], trusted_keys=[keys[k][1] for k in trusted])
+
+
+def test_devices_refuse_instructions_the_coordinator_did_not_sign(tmp_path, embedded_broker_url, keys,
+                                                                  synthetic_catalog, fleet_coordinator,
+                                                                  device_agents, raw_clients):
+    fleet = signed_fleet(tmp_path, embedded_broker_url, keys)
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    device = DEVICES[1]
+    agent = device_agents(fleet, device)
+    assert agent.wait(settled, 20)
+    installed = agent.installed
+    genuine = agent.desired
+    assert_assignment_ok(synthetic_catalog, profile_of(device), genuine.assignment.variant_id)
+    signature = json.loads((synthetic_catalog.root / f"manifests/{installed.variant_id}/v1.json.sig").read_text())
+    assert signature["key_id"] == load_signer(keys["old"][0]).key_id  # the manifest is signed too
+
+    # An intruder on a broker without ACL replaces the retained desired state: unsigned, then signed by a stranger,
+    # each time pointing the device at the smallest variant (which it would happily download: it fits).
+    target = min(synthetic_catalog.variants, key=lambda r: r.memory_bytes)
+    manifest = synthetic_catalog.manifest(target.id)
+    assignment = Assignment(target.id, 1, f"{coordinator.public_url}/manifests/{target.id}/v1.json",
+                            manifest.sha256, manifest.total_bytes)
+    evil = Desired(device.id, genuine.version + 1, "evil", None, assignment, None)
+    intruder = raw_clients(fleet.broker.url, "intruder")
+    assert not intruder.connect().is_failure
+    for payload, why in [(encode(evil), "not signed"), (encode(evil, load_signer(keys["stranger"][0])), "not trust")]:
+        intruder.publish(topic(device.id, "desired"), payload, retain=True)
+        assert wait_until(lambda: agent.failure is not None and why in agent.failure, 10)
+        row = coordinator.registry.device(device.id)
+        assert wait_until(lambda: coordinator.registry.device(device.id).state == "failed", 10)
+        assert why in coordinator.registry.device(device.id).reason  # reported against the genuine assignment
+        assert agent.installed.sha256 == installed.sha256 and agent.desired == genuine  # nothing else changed
+        agent.failure = None
+    assert row.assignment_id == genuine.assignment_id
+
+
+class Tamper(BaseHTTPRequestHandler):
+    """A man in the middle on plain HTTP: forwards to the coordinator, changing what `change` says."""
+
+    upstream = ""
+    change = staticmethod(lambda path, body: body)
+
+    def do_GET(self):
+        with urllib.request.urlopen(self.upstream + self.path, timeout=10) as resp:
+            body = self.change(self.path, resp.read())
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def middleman():
+    servers = []
+
+    def start(upstream: str, change) -> str:
+        handler = type("Handler", (Tamper,), {"upstream": upstream, "change": staticmethod(change)})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_manifest_changed_in_transit_is_refused(tmp_path, embedded_broker_url, synthetic_catalog, keys,
+                                                 fleet_coordinator, middleman):
+    """Each check of the chain on its own: the sha256 that the (signed) desired state pins, the manifest's own
+    signature, and the variant and version the manifest names."""
+    coordinator = fleet_coordinator(signed_fleet(tmp_path, embedded_broker_url, keys), synthetic_catalog)
+    upstream = coordinator.public_url
+    target, other = synthetic_catalog.variants[0], synthetic_catalog.variants[1]
+    genuine = synthetic_catalog.manifest(target.id)
+
+    def assignment(base: str, variant=target, manifest=genuine) -> Assignment:
+        return Assignment(target.id, 1, f"{base}/manifests/{variant.id}/v1.json", manifest.sha256,
+                          manifest.total_bytes)
+
+    def swap_block(path, body):
+        if not path.endswith(".json"):
+            return body
+        d = json.loads(body)
+        d["blocks"][0]["sha256"] = "0" * 64  # a block pointed at other bytes
+        return json.dumps(d, sort_keys=True, indent=1).encode()
+
+    with pytest.raises(IntegrityError, match="does not match the sha256 in the assignment"):
+        install(assignment(middleman(upstream, swap_block)), tmp_path / "dev-a")  # no keys: the sha256 alone
+
+    stranger = load_signer(keys["stranger"][0])
+    resigned = middleman(upstream, lambda path, body: json.dumps(stranger.sign(genuine.to_bytes())).encode()
+                         if path.endswith(".sig") else body)
+    with pytest.raises(SignatureError, match="does not trust"):
+        install(assignment(resigned), tmp_path / "dev-b", trusted=load_verifier([keys["old"][1]]))
+    trusting_both = load_verifier([keys["stranger"][1], keys["old"][1]])
+    assert install(assignment(resigned), tmp_path / "dev-c", trusted=trusting_both).sha256 == genuine.sha256
+
+    crossed = assignment(upstream, other, synthetic_catalog.manifest(other.id))  # a coordinator bug, say
+    with pytest.raises(IntegrityError, match=f"manifest is {other.id} v1, assigned {target.id} v1"):
+        install(crossed, tmp_path / "dev-d")
+    for d in ("dev-a", "dev-b", "dev-d"):
+        assert not (tmp_path / d / "current.json").exists()  # nothing was installed
+
+
+def test_a_key_rotation_keeps_every_device_served(tmp_path, embedded_broker_url, keys, synthetic_catalog,
+                                                  fleet_coordinator, device_agents):
+    fleet = signed_fleet(tmp_path, embedded_broker_url, keys, "old", ("old", "new"))
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    agent = device_agents(fleet, DEVICES[1])
+    assert agent.wait(settled, 20)
+    before = coordinator.registry.device(DEVICES[1].id)
+    coordinator.stop()
+
+    rotated = replace(fleet, signing_key=keys["new"][0])
+    fleet_coordinator(rotated, synthetic_catalog)  # on start: every stored desired state signed again
+    new_id = load_signer(keys["new"][0]).key_id
+    row = Registry(fleet.registry).device(DEVICES[1].id)
+    assert json.loads(row.desired)["key_id"] == new_id and row.version == before.version  # same instruction
+    sig = json.loads((synthetic_catalog.root / f"manifests/{row.variant_id}/v1.json.sig").read_text())
+    assert sig["key_id"] == new_id
+    agent.stop()
+    # A device that now trusts only the new key takes the retained (re-signed) state and stays installed.
+    only_new = device_agents(replace(fleet, trusted_keys=[keys["new"][1]]), DEVICES[1])
+    assert only_new.wait(settled, 20) and only_new.failure is None
+    assert only_new.installed.sha256 == agent.installed.sha256
