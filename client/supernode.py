@@ -8,18 +8,40 @@ log in `<device-dir>/supernode.log`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import tomli_w
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.artifacts import atomic_write
+from shared.flower_link import LinkSecurity
 from shared.node_data import NodeData
 from shared.processes import ManagedProcess, flower_executable, free_port
 
 log = logging.getLogger(__name__)
 NODE_CONFIG = "node-config.toml"
+
+
+def generate_supernode_key(path: Path) -> Path:
+    """A SuperNode's identity for Flower's node authentication: an EC P-384 key pair in OpenSSH format
+    (`path`, readable by its owner only, and `path.pub`, which the operator registers with the SuperLink).
+    An existing key is kept: a device's identity does not change on restart."""
+    path = Path(path)
+    if not path.is_file():
+        key = ec.generate_private_key(ec.SECP384R1())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+        atomic_write(Path(f"{path}.pub"), key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                         serialization.PublicFormat.OpenSSH))
+    return Path(f"{path}.pub")
 
 
 def write_node_config(node: NodeData) -> Path:
@@ -33,13 +55,13 @@ def write_node_config(node: NodeData) -> Path:
 class SuperNode:
     """A device's `flower-supernode`, connected to a SuperLink, running our ClientApp for its installed variant."""
 
-    def __init__(self, node: NodeData, superlink: str, port: int | None = None,
-                 root_certificates: str | None = None, auth_private_key: str | None = None):
-        """`root_certificates`: the CA of a TLS SuperLink (plain HTTP without it); `auth_private_key`: this
-        device's key when the SuperLink runs with --enable-supernode-auth (see docs/DEPLOY.md)."""
+    def __init__(self, node: NodeData, superlink: str, security: LinkSecurity, port: int | None = None,
+                 auth_private_key: str | None = None):
+        """`security`: TLS with the SuperLink's CA, or insecure when asked for; `auth_private_key`: this device's
+        key (`generate_supernode_key`) when the SuperLink admits registered SuperNodes only."""
         self.node, self.superlink = node, superlink
         self.port = port or free_port()  # the node's local runtime API (its superexec talks to it)
-        self.security = ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+        self.security = security.supernode_args()
         if auth_private_key:
             self.security += ["--auth-supernode-private-key", str(auth_private_key)]
         self.process: ManagedProcess | None = None
@@ -83,12 +105,12 @@ class SuperNodeManager:
     After `stop`, installs start nothing: an agent still finishing an install while the program shuts down must
     not leave a SuperNode behind that nobody will stop."""
 
-    def __init__(self, superlink: str, data, partition, partition_of: dict[str, int], num_partitions: int,
-                 **supernode_options):
-        """`partition_of[device id]` is the device's share of the dataset, out of `num_partitions`."""
-        self.superlink, self.data, self.partition = superlink, data, partition
-        self.partition_of, self.num_partitions = partition_of, num_partitions
-        self.options = supernode_options
+    def __init__(self, superlink: str, security: LinkSecurity, data, partition, partition_of: dict[str, int],
+                 num_partitions: int, auth_key_of: Callable[[Path], Path | None] = lambda device_dir: None):
+        """`partition_of[device id]` is the device's share of the dataset, out of `num_partitions`;
+        `auth_key_of(device_dir)` the device's SuperNode key when the SuperLink authenticates SuperNodes."""
+        self.superlink, self.security, self.data, self.partition = superlink, security, data, partition
+        self.partition_of, self.num_partitions, self.auth_key_of = partition_of, num_partitions, auth_key_of
         self.nodes: dict[str, tuple[str, SuperNode]] = {}  # device id -> (variant id, its SuperNode)
         self.lock = threading.Lock()
         self.stopped = False
@@ -108,7 +130,8 @@ class SuperNodeManager:
             node_data = NodeData(device_dir, self.data, self.partition_of[device_dir.name], self.num_partitions,
                                  self.partition)
             node = known[1].restart(node_data) if known else \
-                SuperNode(node_data, self.superlink, **self.options).start(wait=False)
+                SuperNode(node_data, self.superlink, self.security,
+                          auth_private_key=self.auth_key_of(device_dir)).start(wait=False)
             self.nodes[device_dir.name] = (variant, node)
 
     def wait_ready(self) -> None:

@@ -110,10 +110,10 @@ def run(args) -> int:
         coordinator = Coordinator(fleet, catalog).start()
         stack.callback(coordinator.stop)
         say(f"coordinator up: metrics {coordinator.public_url}/metrics, status page {coordinator.public_url}/")
-        link = SuperLink(run_dir / "flower", port=free_port()).start()
+        link = SuperLink(run_dir / "flower", port=free_port()).start()  # one machine: plain HTTP on loopback
         stack.callback(link.stop)
         say(f"Flower SuperLink up on {link.address}")
-        nodes = SuperNodeManager(link.address, cfg.data, cfg.federated.partition,
+        nodes = SuperNodeManager(link.address, link.security, cfg.data, cfg.federated.partition,
                                  {d: i for i, d in enumerate(device_ids)}, len(device_ids))
         stack.callback(nodes.stop)
         agents = start_fleet(fleet, run_dir / "devices", on_installed=nodes.on_installed)
@@ -134,7 +134,8 @@ def run(args) -> int:
         config = run_config(cfg, run_dir / "catalog", run_dir / "fl", coordinator.public_url,
                             min_nodes=len(delivered), rounds=rounds)
         echo = None if args.quiet else (lambda line: print(f"  | {line}", file=sys.stderr))
-        outcome = flwr_run(link.address, config, run_dir / "flwr-home", run_dir / "flower.log", 1800, echo)
+        outcome = flwr_run(link.address, config, run_dir / "flwr-home", run_dir / "flower.log", link.security,
+                           1800, echo)
         if not outcome.ok:
             raise RestnetError(f"the Flower run ended {outcome.status}: {outcome.details}",
                                f"see {run_dir / 'flower.log'}")

@@ -38,8 +38,11 @@ def add_parsers(subparsers) -> None:
         p.add_argument("--superlink", metavar="HOST:PORT",
                        help="start a Flower SuperNode for each installed device, connected to this SuperLink "
                             "(restarted when the device is re-assigned to another variant)")
-        p.add_argument("--superlink-ca", help="CA certificate of a TLS SuperLink (default: plain HTTP, --insecure)")
-        p.add_argument("--supernode-key", help="the device's private key when the SuperLink authenticates SuperNodes")
+        p.add_argument("--superlink-ca", help="CA certificate of the TLS SuperLink")
+        p.add_argument("--superlink-insecure", action="store_true",
+                       help="plain HTTP to the SuperLink instead (a single machine only)")
+        p.add_argument("--supernode-key", help="the device's private key when the SuperLink authenticates SuperNodes "
+                                               "(restnet keys supernode)")
     d.add_argument("--data-partition", default="0/1", metavar="K/N",
                    help="with --superlink: train on share K of N of the config's dataset (default 0/1: all of it, "
                         "a device's own data)")
@@ -50,9 +53,12 @@ def _supernodes(cfg, args, partition_of: dict[str, int], num_partitions: int):
     if not getattr(args, "superlink", None):
         return None
     from client.supernode import SuperNodeManager
+    from shared.flower_link import LinkSecurity
 
-    return SuperNodeManager(args.superlink, cfg.data, cfg.federated.partition, partition_of, num_partitions,
-                            root_certificates=args.superlink_ca, auth_private_key=args.supernode_key)
+    security = LinkSecurity.choose(args.superlink_ca, args.superlink_insecure, "--superlink-ca and --superlink-insecure")
+    key = Path(args.supernode_key) if args.supernode_key else None
+    return SuperNodeManager(args.superlink, security, cfg.data, cfg.federated.partition, partition_of, num_partitions,
+                            auth_key_of=lambda device_dir: key)
 
 
 def _partition(text: str) -> tuple[int, int]:

@@ -29,8 +29,15 @@ def add_parsers(subparsers) -> None:
                                      "SuperNode per device here, each with its partition of the data")
     r.add_argument("--superlink", help="HOST:PORT of a running SuperLink (default: start one on "
                                        "federated.superlink_port)")
-    r.add_argument("--root-certificates", help="CA file of a TLS SuperLink given with --superlink (used by the "
-                                               "flwr CLI and by the SuperNodes of --devices)")
+    security = r.add_argument_group("security (one of --tls-dir, --root-certificates or --insecure)")
+    security.add_argument("--tls-dir", help="certificates for the SuperLink started here: ca.crt, superlink.crt, "
+                                            "superlink.key (docker/tls/gen_certs.py writes them)")
+    security.add_argument("--root-certificates", help="CA of the TLS SuperLink given with --superlink")
+    security.add_argument("--insecure", action="store_true",
+                          help="plain HTTP between SuperLink and SuperNodes: only on a single machine")
+    security.add_argument("--node-auth", action="store_true",
+                          help="with --tls-dir: the SuperLink admits registered SuperNodes only; the SuperNodes of "
+                               "--devices get a key each (<device>/supernode-key) and are registered")
     r.add_argument("--coordinator", default="", help="coordinator base URL: report rounds and hand it the new "
                                                      "stitching weights (default: write new versions to --catalog)")
     r.add_argument("--rounds", type=int, help="override federated.rounds")
@@ -39,19 +46,33 @@ def add_parsers(subparsers) -> None:
     r.add_argument("--quiet", action="store_true", help="do not echo the run's log")
     r.set_defaults(func=run)
 
+    g = sub.add_parser("register", help="admit devices' SuperNodes to a SuperLink that authenticates them",
+                       description="Registers each public key (`restnet keys supernode` writes them) with the "
+                                   "SuperLink (started with --enable-supernode-auth), through Flower's CLI.")
+    g.add_argument("keys", nargs="+", metavar="KEY.pub", help="SuperNode public keys (OpenSSH, EC P-384)")
+    g.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    g.add_argument("--root-certificates", required=True, help="CA of the SuperLink's certificate")
+    g.set_defaults(func=register)
+
 
 def run(args) -> int:
+    from client.supernode import SuperNode, generate_supernode_key
+    from server.fl_runner import SuperLink, SuperLinkTLS, commit_results, flwr_run, register_supernode
+    from shared.flower_link import LinkSecurity
     from shared.node_data import NodeData
-    from client.supernode import SuperNode
-    from server.fl_runner import SuperLink, commit_results, flwr_run
     from server.run_config import run_config
     from shared.catalog import Catalog
     from shared.config import load_config
     from shared.tables import format_table, pct
 
     cfg = load_config(args.config)
-    if args.root_certificates and not args.superlink:
-        raise RestnetError("--root-certificates needs --superlink", "the SuperLink started here serves plain HTTP")
+    if args.superlink and args.tls_dir:
+        raise RestnetError("--tls-dir is for the SuperLink started here", "with --superlink give --root-certificates")
+    if args.node_auth and not args.tls_dir:
+        raise RestnetError("--node-auth needs --tls-dir", "SuperNode authentication runs over TLS only")
+    tls = SuperLinkTLS.from_dir(args.tls_dir) if args.tls_dir else None
+    security = LinkSecurity(tls.ca) if tls else LinkSecurity.choose(
+        args.root_certificates, args.insecure, "--tls-dir, --root-certificates (with --superlink) and --insecure")
     Catalog.load(args.catalog)  # fail early on a missing or broken catalog
     run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,18 +82,23 @@ def run(args) -> int:
         if args.superlink:
             address = args.superlink
         else:
-            link = SuperLink(run_dir / "flower", port=cfg.federated.superlink_port).start()
+            link = SuperLink(run_dir / "flower", cfg.federated.superlink_port, tls, args.node_auth).start()
             address = link.address
         for i, device_dir in enumerate(devices):
+            key = None
+            if args.node_auth:
+                key = device_dir / "supernode-key"
+                node_id = register_supernode(address, security, generate_supernode_key(key), run_dir / "flwr-home")
+                print(f"{device_dir.name}: SuperNode key registered (node {node_id})", file=sys.stderr)
             node = NodeData(device_dir, cfg.data, i, len(devices), cfg.federated.partition)
-            nodes.append(SuperNode(node, address, root_certificates=args.root_certificates).start(wait=False))
+            nodes.append(SuperNode(node, address, security, auth_private_key=key).start(wait=False))
         for node in nodes:
             node.wait_ready()
         config = run_config(cfg, Path(args.catalog), run_dir, args.coordinator.rstrip("/"),
                             min_nodes=args.min_nodes or len(devices) or 1, rounds=args.rounds)
         echo = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-        outcome = flwr_run(address, config, run_dir / "flwr-home", run_dir / "flower.log", args.timeout, echo,
-                           args.root_certificates)
+        outcome = flwr_run(address, config, run_dir / "flwr-home", run_dir / "flower.log", security, args.timeout,
+                           echo)
     finally:
         for node in nodes:
             node.stop()
@@ -96,6 +122,19 @@ def run(args) -> int:
             print(f"catalog: {vid} is now version {version}")
         if refused:
             raise RestnetError("; ".join(exc.message for exc in refused), refused[0].hint)
+    return 0
+
+
+def register(args) -> int:
+    import tempfile
+
+    from server.fl_runner import register_supernode
+    from shared.flower_link import LinkSecurity
+
+    security = LinkSecurity.choose(args.root_certificates, False, "--root-certificates")
+    with tempfile.TemporaryDirectory() as flwr_home:
+        for key in args.keys:
+            print(f"{key}: node {register_supernode(args.superlink, security, Path(key), Path(flwr_home))}")
     return 0
 
 

@@ -21,6 +21,12 @@ def add_parsers(subparsers) -> None:
                                    "rotation steps: devices trust both keys while the coordinator switches.")
     r.add_argument("--current", required=True, help="the coordinator's current private key (fleet.signing_key)")
     r.set_defaults(func=_rotate)
+    n = sub.add_parser("supernode", help="a device's SuperNode key pair for Flower's node authentication",
+                       description="Writes OUT/supernode-ID (private, EC P-384, OpenSSH, mode 0600) and .pub; register "
+                                   "the .pub with `restnet fl register`, start the device with --supernode-key.")
+    n.add_argument("--out", required=True, help="folder for the key pair")
+    n.add_argument("--device", required=True, help="device id (names the files)")
+    n.set_defaults(func=_supernode)
     i = sub.add_parser("id", help="the key id of a public or private key file (what signatures name)")
     i.add_argument("key", help="a .pub or .key file")
     i.set_defaults(func=_id)
@@ -55,6 +61,17 @@ def _rotate(args) -> int:
     print("   state and every manifest again with the new key and republishes the desired states.")
     print(f"3. once every device runs with both keys and step 2 is done: remove {old_pub} from the devices'")
     print(f"   fleet.trusted_keys, then retire {current}.")
+    return 0
+
+
+def _supernode(args) -> int:
+    from client.supernode import generate_supernode_key
+
+    key = Path(args.out) / f"supernode-{args.device}"
+    if key.exists():
+        raise ConfigError(f"{key} exists", "a device keeps its key; remove it to make a new one")
+    public = generate_supernode_key(key)
+    print(f"{args.device}: private {key} (stays on the device), public {public} (restnet fl register {public} ...)")
     return 0
 
 

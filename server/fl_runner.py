@@ -22,7 +22,8 @@ import tomli_w
 from shared.processes import HOST, ManagedProcess, flower_env, flower_executable, free_port
 from shared.artifacts import bytes_to_tensors
 from shared.catalog import Catalog, StaleVersion
-from shared.errors import RestnetError
+from shared.errors import ConfigError, RestnetError
+from shared.flower_link import INSECURE, LinkSecurity
 
 CONNECTION = "restnet"  # the connection name in the scratch FLWR_HOME/config.toml
 
@@ -37,13 +38,42 @@ def app_dir() -> Path:
     return root
 
 
-class SuperLink:
-    """A local `flower-superlink` serving the Fleet, Control and Runtime APIs over HTTP on one port."""
+@dataclass(frozen=True)
+class SuperLinkTLS:
+    """The SuperLink's certificate, its key, and the CA that signed it (which clients are given)."""
 
-    def __init__(self, state_dir: Path, port: int | None = None):
+    ca: str
+    cert: str
+    key: str
+
+    @classmethod
+    def from_dir(cls, folder: Path | str) -> "SuperLinkTLS":
+        """`ca.crt`, `superlink.crt`, `superlink.key` in `folder`, as docker/tls/gen_certs.py writes them."""
+        folder = Path(folder)
+        files = [folder / name for name in ("ca.crt", "superlink.crt", "superlink.key")]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(f"TLS folder {folder} lacks {', '.join(missing)}",
+                              "make them with: python docker/tls/gen_certs.py --out DIR --host superlink")
+        return cls(*(str(f.resolve()) for f in files))
+
+    def args(self) -> list[str]:
+        return ["--ssl-ca-certfile", self.ca, "--ssl-certfile", self.cert, "--ssl-keyfile", self.key]
+
+
+class SuperLink:
+    """A local `flower-superlink` serving the Fleet, Control and Runtime APIs over HTTP on one port: over TLS when
+    given certificates (and then, with `node_auth`, admitting registered SuperNodes only), else plain HTTP."""
+
+    def __init__(self, state_dir: Path, port: int | None = None, tls: SuperLinkTLS | None = None,
+                 node_auth: bool = False):
+        if node_auth and tls is None:
+            raise ConfigError("SuperNode authentication needs TLS", "give the SuperLink its certificates")
         self.state_dir = Path(state_dir)
         self.port = port or free_port()
-        cmd = [flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        self.security = LinkSecurity(tls.ca) if tls else INSECURE  # what clients of this SuperLink use
+        cmd = [flower_executable("flower-superlink"), *(tls.args() if tls else ["--insecure"]),
+               *(["--enable-supernode-auth"] if node_auth else []), "--disable-runtime-dependency-installation",
                "--host", HOST, "--port", str(self.port)]
         self.process = ManagedProcess("superlink", cmd, self.state_dir / "superlink.log",
                                       env={"FLWR_HOME": str(self.state_dir / "superlink-home")}, ports=(self.port,))
@@ -81,37 +111,47 @@ def _flwr(args: list[str], flwr_home: Path, timeout: float = 120.0) -> str:
     return proc.stdout
 
 
-def _json_tail(text: str) -> dict:
-    """The JSON document `flwr ... --format json` prints (after any plain lines)."""
+def _flwr_json(args: list[str], flwr_home: Path) -> dict:
+    """A `flwr ... --format json` command's answer. flwr exits 0 even when it failed: the answer says so."""
+    text = _flwr([*args, "--format", "json"], flwr_home)
     start = text.find("{")
     if start < 0:
         raise RestnetError(f"flwr printed no JSON: {text.strip()[-400:]}")
-    return json.loads(text[start:])
+    answer = json.loads(text[start:])
+    if not answer.get("success", False):
+        raise RestnetError(f"`flwr {' '.join(args[:2])}` failed: {answer.get('error-message', answer)}"[:800])
+    return answer
 
 
-def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Path, timeout: float = 3600.0,
-             echo=None, root_certificates: str | None = None) -> RunOutcome:
-    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status.
-
-    `root_certificates`: the CA of a TLS SuperLink; without it the connection is plain HTTP (`insecure`)."""
+def _connect(flwr_home: Path, superlink_address: str, security: LinkSecurity) -> Path:
+    """A scratch FLWR_HOME whose config.toml names the SuperLink as the `flwr` CLI's connection."""
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    security = {"root-certificates": str(Path(root_certificates).resolve())} if root_certificates else {"insecure": True}
-    connection = {"address": superlink_address, **security}
+    connection = {"address": superlink_address, **security.flwr_connection()}
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
                                                                         CONNECTION: connection}}))
+    return flwr_home
+
+
+def register_supernode(superlink_address: str, security: LinkSecurity, public_key: Path, flwr_home: Path) -> int:
+    """Admit a SuperNode to a SuperLink that authenticates them (`flwr supernode register`); returns its node id."""
+    flwr_home = _connect(flwr_home, superlink_address, security)
+    answer = _flwr_json(["supernode", "register", str(Path(public_key).resolve()), CONNECTION], flwr_home)
+    return int(answer["node-id"])
+
+
+def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Path, security: LinkSecurity,
+             timeout: float = 3600.0, echo=None) -> RunOutcome:
+    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status."""
+    flwr_home = _connect(flwr_home, superlink_address, security)
     overrides = flwr_home / "run-config.toml"
     overrides.write_text(tomli_w.dumps(config))
     started = time.monotonic()
-    answer = _json_tail(_flwr(["run", str(app_dir()), CONNECTION, "--run-config", str(overrides),
-                               "--format", "json"], flwr_home))
-    if not answer.get("success"):
-        raise RestnetError(f"the SuperLink did not start the run: {answer}")
-    run_id = str(answer["run-id"])
+    run_id = str(_flwr_json(["run", str(app_dir()), CONNECTION, "--run-config", str(overrides)], flwr_home)["run-id"])
     deadline = time.monotonic() + timeout
     _follow_log(run_id, flwr_home, Path(log_path), timeout, echo)
     while True:  # the log stream ends with the run, or earlier if its connection broke: ask for the status
-        run = _json_tail(_flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"], flwr_home))["runs"][0]
+        run = _flwr_json(["list", CONNECTION, "--run-id", run_id], flwr_home)["runs"][0]
         if run["status"].startswith("finished"):
             return RunOutcome(run_id, run["status"], run.get("status-details", ""), time.monotonic() - started)
         if time.monotonic() > deadline:

@@ -209,13 +209,16 @@ def test_commands_match_the_cli(compose):
     for name in ("coordinator", "credentials", "fl"):
         argv = s[name]["command"]
         assert argv[0] in commands, (f"the {name} service runs `restnet {argv[0]}`, which `restnet` does not have: "
-                                     f"register its module in shared/cli.py's _COMMAND_MODULES")
+                                     f"register its module in restnet/cli.py")
         parser.parse_args(argv)  # SystemExit (a test error) on an unknown argument
     catalog_cmd = " ".join(s["catalog"]["command"])
     m = re.search(r"exec restnet (catalog build [^;|&]*)", catalog_cmd)
     assert m, catalog_cmd
     parser.parse_args(m.group(1).split())
     assert s["credentials"]["command"][0] == "acl"
+    for name, svc in device_services(compose).items():  # the device image runs `restnet device --config --id ...`
+        parser.parse_args(["device", "--config", "c.yaml", "--id", "x", *svc["command"]])
+        assert "--superlink-insecure" in svc["command"], f"{name}: plain HTTP inside the compose network, said so"
     superlink = s["superlink"]
     assert superlink["entrypoint"] == ["flower-superlink"]
     assert "--disable-runtime-dependency-installation" in superlink["command"]
@@ -270,6 +273,15 @@ def test_tls_overlay_validates_and_fits_its_fleet_config(fleet_cfg):
     for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"):
         assert flags.get(flag, "").startswith("/tls/"), f"superlink {flag} should come from the tls volume"
     assert "tls:/tls:ro" in s["superlink"]["volumes"]
+    from restnet.cli import build_parser
+
+    parser = build_parser()
+    for name, svc in device_services(merged).items():  # every SuperNode verifies the SuperLink with the CA
+        args = parser.parse_args(["device", "--config", "c.yaml", "--id", "x", *svc["command"]])
+        assert args.superlink_ca == "/tls/ca.crt" and not args.superlink_insecure, name
+        assert "tls:/tls:ro" in svc["volumes"], name
+    fl = parser.parse_args(s["fl"]["command"])
+    assert fl.root_certificates == "/tls/ca.crt" and not fl.insecure and "tls:/tls:ro" in s["fl"]["volumes"]
     assert (s["mosquitto"]["depends_on"]["certs"]["condition"]) == "service_completed_successfully"
     tls_cfg = load_config(DOCKER / "fleet-tls.yaml")
     fleet = tls_cfg.fleet

@@ -80,8 +80,8 @@ def test_two_variants_two_rounds_with_a_node_killed_mid_round(tiny_catalog, tmp_
 
     out = tmp_path / "out"
     link = SuperLink(tmp_path / "flower").start()
-    nodes = [SuperNode(NodeData(d, DATA, i, len(devices), PartitionConfig("dirichlet", 0.5, 0)), link.address)
-             for i, d in enumerate(devices)]
+    nodes = [SuperNode(NodeData(d, DATA, i, len(devices), PartitionConfig("dirichlet", 0.5, 0)), link.address,
+                       link.security) for i, d in enumerate(devices)]
     outcome: dict = {}
     try:
         for node in nodes:
@@ -97,7 +97,8 @@ def test_two_variants_two_rounds_with_a_node_killed_mid_round(tiny_catalog, tmp_
 
         def submit():
             try:
-                outcome["run"] = flwr_run(link.address, config, tmp_path / "flwr-home", tmp_path / "run.log", 360)
+                outcome["run"] = flwr_run(link.address, config, tmp_path / "flwr-home", tmp_path / "run.log",
+                                          link.security, 360)
             except BaseException as exc:  # surfaced by the main thread
                 outcome["error"] = exc
 

@@ -95,8 +95,9 @@ def supernode_tree(manager: SuperNodeManager, device: str) -> set[int]:
 def test_supernode_manager_starts_restarts_and_stops_nodes(tiny_catalog, superlink, tmp_path):
     first, second = [v.id for v in tiny_catalog.variants[:2]]
     device = tmp_path / "cam-01"
-    manager = SuperNodeManager(superlink.address, DataConfig(dataset="digits", image_size=32, channels=1),
-                               PartitionConfig(), {"cam-01": 0}, 2)
+    manager = SuperNodeManager(superlink.address, superlink.security,
+                               DataConfig(dataset="digits", image_size=32, channels=1), PartitionConfig(),
+                               {"cam-01": 0}, 2)
     try:
         install_from_catalog(tiny_catalog, first, device)
         manager.on_installed(device)
