@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import operator
 from dataclasses import dataclass
 
@@ -325,9 +326,17 @@ def _input_channels(model: nn.Module, graph: fx.Graph) -> list[int]:
 
 
 class _ShapeInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str], device: torch.device):
         super().__init__(gm)
-        self.wanted, self.shapes = wanted, {}
+        self.wanted, self.device, self.shapes = wanted, device, {}
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        """On the meta device, also the devices the trace baked into calls (`torch.arange(..., device=cpu)`)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if self.device.type != "meta":
+            return args, kwargs
+        on_meta = fx.node.map_aggregate((args, kwargs), lambda v: self.device if isinstance(v, torch.device) else v)
+        return tuple(on_meta[0]), dict(on_meta[1])
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
@@ -346,7 +355,7 @@ class _Recorder(nn.Module):
         self.wanted = {n.name for n in wanted}
 
     def forward(self, x: torch.Tensor) -> dict[str, tuple | None]:
-        interpreter = _ShapeInterpreter(self.gm, self.wanted)
+        interpreter = _ShapeInterpreter(self.gm, self.wanted, x.device)
         interpreter.run(x)
         return interpreter.shapes
 
@@ -368,8 +377,12 @@ def _probe(model: nn.Module, graph: fx.Graph, values: list[fx.Node], name: str,
         for c, h, w in inputs:
             x = torch.zeros(PROBE_BATCH, c, h, w, dtype=param.dtype, device=device)
             try:
-                with torch.no_grad():
-                    shapes = torch.func.functional_call(recorder, meta, (x,)) if device == "meta" else recorder(x)
+                if device == "meta":  # tensors the forward creates (arange, zeros) must be meta tensors too
+                    with torch.no_grad(), torch.device("meta"):
+                        shapes = torch.func.functional_call(recorder, meta, (x,))
+                else:
+                    with torch.no_grad():
+                        shapes = recorder(x)
                 return (h, w), {v: shapes.get(v.name) for v in values}
             except Exception as exc:  # any error of the model's own code at this input
                 errors.append((str(exc).strip().splitlines() or [type(exc).__name__])[0][:160])
@@ -384,7 +397,8 @@ def is_grid(h: int, w: int, height: int, width: int) -> bool:
 
 def token_grid(tokens: int, height: int, width: int) -> tuple[int, int] | None:
     """The (h, w) patch grid of `tokens` patch tokens for an image of height x width, if there is one."""
-    for h in range(1, tokens + 1):
+    near = round(math.sqrt(tokens * height / width))  # h / w = height / width and h * w = tokens
+    for h in range(max(near - 1, 1), near + 2):
         if tokens % h == 0 and is_grid(h, tokens // h, height, width):
             return h, tokens // h
     return None
