@@ -3,6 +3,8 @@ generic splitter's decisions (layout of ambiguous maps, blocks that would overwr
 
 The IoT families (MobileNetV3, EfficientNet, ConvNeXt, RegNet, MobileViT, FastViT, EfficientFormer, ResNet50) are
 in test_families.py."""
+import functools
+
 import pytest
 import timm
 import torch
@@ -24,7 +26,13 @@ MODELS = {
 }
 
 
+@functools.cache
 def make(key: str):
+    """(model, BlockedModel, input size), split once per session: tests that change a model's mode use `fresh`."""
+    return fresh(key)
+
+
+def fresh(key: str):
     name, kwargs, size = MODELS[key]
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **kwargs).eval()
@@ -125,7 +133,7 @@ def test_specs_describe_the_real_outputs(key):
 
 
 def test_activation_specs_keeps_train_mode_and_batchnorm_statistics():
-    model, bm, size = make("resnet18")
+    model, bm, size = fresh("resnet18")
     bm.train()
     before = model.bn1.running_mean.clone()
     activation_specs(bm, (3, size, size))
