@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
+from shared.artifacts import MANIFEST_SCHEMA
 from shared.errors import RestnetError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "fleet_configs" / "demo.yaml"
@@ -48,10 +49,10 @@ def say(msg: str) -> None:
 
 
 def config_digest(cfg) -> str:
-    """What the catalog depends on (models, data, catalog settings): editing the fleet or the federated
-    settings does not rebuild it."""
+    """What the catalog depends on (models, data, catalog settings, the artifact format this release writes):
+    editing the fleet or the federated settings does not rebuild it."""
     parts = {k: asdict(getattr(cfg, k)) for k in ("large", "small", "data", "catalog")}
-    parts["num_classes"] = cfg.num_classes
+    parts["num_classes"], parts["artifacts"] = cfg.num_classes, MANIFEST_SCHEMA
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from shared.errors import IntegrityError
 from shared.vocabulary import valid_sha256
 
-MANIFEST_SCHEMA = "restnet.artifact/1"
+MANIFEST_SCHEMA = "restnet.artifact/2"  # /2: blocks hold the model's full parameter names (generic splitting)
 ROLES = ("front", "stitch", "behind")
 
 

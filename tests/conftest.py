@@ -8,6 +8,10 @@ import pytest
 
 # Tests never download: the offline error path of `pretrained: true` must answer at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread per process (torch reads it at import; the processes tests start inherit it): tests run many processes
+# side by side on 2 cores, where more threads per process only fight each other (measured: the model-family tests
+# took 318 s with 2 threads on a loaded machine, 39 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY_CONFIG = {
     "name": "tiny",

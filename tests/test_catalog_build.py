@@ -64,7 +64,7 @@ def write_config(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"large__name": "resnet_9000"}, "unknown model 'resnet_9000'"),
-    ({"large__name": "convnext_atto", "large__kwargs": {}}, "cannot split convnext_atto"),
+    ({"large__name": "coat_tiny", "large__kwargs": {}}, "cannot split coat_tiny"),  # blocks pass 2+ tensors
     ({"large__checkpoint": "/nonexistent/large.safetensors"}, "checkpoint /nonexistent/large.safetensors not found"),
     ({"large__train": None, "small__train": None, "catalog__budgets": [1000.0]}, "no stitched variant fits"),
     ({"large__name": "resnet18", "large__pretrained": True, "large__kwargs": {}, "large__train": None},
