@@ -14,7 +14,7 @@ from fleet_helpers import (assert_assignment_ok, device_agents, fleet_config, fr
                            write_config)
 
 from client.fleet_sim import settled, wait_settled
-from server.registry import Registry
+from server.registry import open_registry
 from shared.config import DeviceConfig
 
 BUDGETS = [(20, 1.0, None), (50, 0.5, 20.0), (200, 2.0, 10.0), (10, 1.0, None)]  # the last one is refused
@@ -61,7 +61,7 @@ def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, sy
         proc.wait()
         log.close()
 
-    registry = Registry(fleet.registry)
+    registry = open_registry(fleet.registry)
     try:
         for device_id, desired in acknowledged.items():
             row = registry.device(device_id)  # what the device was told is what the registry holds
@@ -69,7 +69,7 @@ def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, sy
                 (desired.request_id, desired.assignment_id, desired.version)
         for agent, device in zip(agents, devices):
             row = registry.device(agent.device_id)
-            assert request_count(fleet.registry, agent.device_id) == 1  # retries and redeliveries counted once
+            assert request_count(registry, agent.device_id) == 1  # retries and redeliveries counted once
             assert row.assignment_id == agent.desired.assignment_id
             variant = agent.desired.assignment.variant_id if agent.desired.assignment else None
             assert_assignment_ok(synthetic_catalog, profile_of(device), variant)

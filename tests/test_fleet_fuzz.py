@@ -137,9 +137,7 @@ def hostile(draw):
 
 
 def registry_dump(coordinator) -> list:
-    db = coordinator.registry._reader()
-    return [db.execute("SELECT * FROM devices ORDER BY id").fetchall(),
-            db.execute("SELECT * FROM requests ORDER BY device_id, request_id").fetchall()]
+    return coordinator.registry._read("SELECT * FROM devices ORDER BY id")
 
 
 def test_hostile_payloads_leave_the_registry_unchanged_and_the_coordinator_serving(
@@ -183,4 +181,4 @@ def test_hostile_payloads_leave_the_registry_unchanged_and_the_coordinator_servi
     desired = decode_desired(DEVICE, reply[1])
     assert desired.request_id == "req-1"
     assert_assignment_ok(synthetic_catalog, profile_of(DEVICES[2]), desired.assignment.variant_id)
-    assert request_count(coordinator.registry.path, DEVICE) == 2
+    assert request_count(coordinator.registry, DEVICE) == 2

@@ -76,7 +76,7 @@ def test_the_same_enrollment_twice_gives_the_same_answer_and_one_row(broker_flee
     desired = decode_desired(device.id, answers[0][1])
     assert desired.request_id == "req-1" and desired.version == 1
     assert_assignment_ok(synthetic_catalog, profile_of(device), desired.assignment.variant_id)
-    assert len(coordinator.devices()) == 1 and request_count(coordinator.registry.path, device.id) == 1
+    assert len(coordinator.devices()) == 1 and request_count(coordinator.registry, device.id) == 1
     assert metric(coordinator, "fleet_enrollments_total", result="duplicate") == 1
 
 
