@@ -24,7 +24,7 @@ from fleet_helpers import (_synthetic_catalog_template, assert_assignment_ok, fl
 from server.mqtt_acl import password_hash
 from server.registry import open_registry
 from shared.config import BrokerConfig, ClusterConfig
-from shared.messages import Enroll, Profile, decode_desired, encode, topic
+from shared.messages import TOPIC_ROOT, Enroll, Profile, decode_desired, encode, topic
 from shared.mqtt import make_client
 
 COORDINATORS, N, PUBLISHERS = 3, 200, 3
@@ -51,7 +51,7 @@ class SimulatedDevices:
         listener = self.clients[-1]
         listener.on_message = self._on_message
         listener.on_subscribe = lambda *args: subscribed.set()
-        listener.subscribe(topic("+", "desired"), qos=1)
+        listener.subscribe(f"{TOPIC_ROOT}/dev/+/desired", qos=1)
         assert subscribed.wait(10)
 
     def _on_message(self, client, userdata, msg):
@@ -100,7 +100,7 @@ def retained_desired(url: str, password: str, device_ids: list[str]) -> dict[str
     address = url.split("//")[1].split(":")
     client.connect(address[0], int(address[1]))
     client.loop_start()
-    client.subscribe(topic("+", "desired"), qos=1)
+    client.subscribe(f"{TOPIC_ROOT}/dev/+/desired", qos=1)
     wait_until(lambda: len(got) >= len(device_ids), 15)
     client.disconnect()
     client.loop_stop()
@@ -142,6 +142,7 @@ def test_three_coordinators_serve_200_devices_while_one_is_killed(tmp_path, post
         starter = threading.Thread(target=burst)
         starter.start()
         assert wait_until(lambda: len(devices.answered) >= 30, 30)
+        handled = [_enrollments(ports[1])]
         procs[1].send_signal(signal.SIGKILL)  # coordinator 2 dies mid-burst
         procs[1].wait()
         starter.join()
@@ -152,6 +153,9 @@ def test_three_coordinators_serve_200_devices_while_one_is_killed(tmp_path, post
             time.sleep(1.0)
             devices.resend_unanswered()
         assert len(devices.answered) == N, f"unanswered: {sorted(set(ids) - devices.answered)[:10]}"
+        handled += [_enrollments(ports[0]), _enrollments(ports[2])]
+        # Shared, not copied: each coordinator got a part of the enrollments, none all of them.
+        assert all(0 < n < N for n in handled), handled
         retained = retained_desired(fleet.broker.url, "loadgen-pw", ids)
     finally:
         if devices is not None:
@@ -183,10 +187,16 @@ def test_three_coordinators_serve_200_devices_while_one_is_killed(tmp_path, post
             assert_assignment_ok(synthetic_catalog, profile, newest.assignment.variant_id if newest.assignment
                                  else None)
         assert versions_checked >= N
-        print(f"cluster: {N} devices ({len(twice)} enrolled twice), {versions_checked} desired states received, "
-              f"{sum(r['version'] for r in rows)} versions in the registry")
+        print(f"cluster: {N} devices ({len(twice)} enrolled twice), enrollments handled per coordinator {handled}, "
+              f"{versions_checked} desired states received and checked")
     finally:
         registry.close()
+
+
+def _enrollments(port: int) -> float:
+    """Enrollments a coordinator handled (every result), from its /metrics."""
+    body = http(f"http://127.0.0.1:{port}/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith("fleet_enrollments_total{"))
 
 
 def _up(port: int) -> bool:
