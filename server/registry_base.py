@@ -26,6 +26,14 @@ COLUMNS = ("id, profile, request_id, version, assignment_id, variant_id, variant
            "enrolled_at, updated_at, requests")
 
 
+PUT = (f"INSERT INTO devices ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+       "profile = excluded.profile, request_id = excluded.request_id, version = excluded.version, "
+       "assignment_id = excluded.assignment_id, variant_id = excluded.variant_id, "
+       "variant_version = excluded.variant_version, desired = excluded.desired, state = excluded.state, "
+       "reason = excluded.reason, enrolled_at = excluded.enrolled_at, updated_at = excluded.updated_at, "
+       "requests = excluded.requests")
+
+
 @dataclass
 class DeviceRow:
     id: str
@@ -86,21 +94,11 @@ class Registry:
 
     def get(self, device_id: str) -> DeviceRow | None:
         row = self._write(f"SELECT {COLUMNS} FROM devices WHERE id = ?", (device_id,)).fetchone()
-        return _row(row) if row else None
+        return decode_row(row) if row else None
 
     def put(self, dev: DeviceRow) -> None:
         """Insert or replace a device's row (with its recent request ids)."""
-        p = dev.profile
-        self._write(
-            f"INSERT INTO devices ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-            "profile = excluded.profile, request_id = excluded.request_id, version = excluded.version, "
-            "assignment_id = excluded.assignment_id, variant_id = excluded.variant_id, "
-            "variant_version = excluded.variant_version, desired = excluded.desired, state = excluded.state, "
-            "reason = excluded.reason, enrolled_at = excluded.enrolled_at, updated_at = excluded.updated_at, "
-            "requests = excluded.requests",
-            (dev.id, json.dumps([p.memory_mb, p.compute, p.latency_ms, p.agent_version]), dev.request_id,
-             dev.version, dev.assignment_id, dev.variant_id, dev.variant_version, dev.desired.decode(),
-             dev.state, dev.reason, dev.enrolled_at, dev.updated_at, " ".join(dev.requests)))
+        self._write(PUT, put_params(dev))
 
     def set_state(self, device_id: str, assignment_id: str, state: str, reason: str | None, now: float) -> bool:
         """Record a device's report on its current assignment; reports on older assignments change nothing."""
@@ -128,7 +126,7 @@ class Registry:
                            (cutoff,)).rowcount
 
     def on_variant(self, variant_id: str) -> list[DeviceRow]:
-        return [_row(r) for r in self._write(f"SELECT {COLUMNS} FROM devices WHERE variant_id = ? ORDER BY id",
+        return [decode_row(r) for r in self._write(f"SELECT {COLUMNS} FROM devices WHERE variant_id = ? ORDER BY id",
                                              (variant_id,)).fetchall()]
 
     def all_desired(self) -> list[tuple[str, bytes]]:
@@ -158,7 +156,7 @@ class Registry:
 
     def device(self, device_id: str) -> DeviceRow | None:
         rows = self._read(f"SELECT {COLUMNS} FROM devices WHERE id = ?", (device_id,))
-        return _row(rows[0]) if rows else None
+        return decode_row(rows[0]) if rows else None
 
     def snapshot(self) -> list[dict]:
         """Every device with its presence, as plain data (the /api/devices listing)."""
@@ -167,7 +165,7 @@ class Registry:
                           "LEFT JOIN presence p ON p.device_id = d.id ORDER BY d.id")
         out = []
         for r in rows:
-            dev = _row(r[:13])
+            dev = decode_row(r[:13])
             out.append({"id": dev.id, "state": dev.state, "reason": dev.reason, "online": r[13] == "online",
                         "presence": r[13] or "offline", "variant_id": dev.variant_id,
                         "variant_version": dev.variant_version, "version": dev.version,
@@ -198,7 +196,14 @@ class Registry:
         raise NotImplementedError
 
 
-def _row(r) -> DeviceRow:
+def put_params(dev: DeviceRow) -> tuple:
+    p = dev.profile
+    return (dev.id, json.dumps([p.memory_mb, p.compute, p.latency_ms, p.agent_version]), dev.request_id, dev.version,
+            dev.assignment_id, dev.variant_id, dev.variant_version, dev.desired.decode(), dev.state, dev.reason,
+            dev.enrolled_at, dev.updated_at, " ".join(dev.requests))
+
+
+def decode_row(r) -> DeviceRow:
     memory_mb, compute, latency_ms, agent_version = json.loads(r[1])
     return DeviceRow(r[0], Profile(memory_mb, compute, latency_ms, agent_version=agent_version), r[2], r[3], r[4],
                      r[5], r[6], r[7].encode(), r[8], r[9], r[10], r[11], tuple(r[12].split()))

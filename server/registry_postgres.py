@@ -8,6 +8,9 @@
   reads the first one's committed row (READ COMMITTED reads the latest commit) and builds on its version; and
   because every transaction takes its locks in one ascending pass, two of them can never wait for each other in a
   circle (no deadlock). A device's first enrollment is covered too (there is no row yet to lock with FOR UPDATE).
+- Round trips: `lock_devices` also reads the locked devices' rows in the same go, `get` answers from them, and
+  `put` is held until the next statement or the commit, then sent as one pipelined `executemany`: a batch of
+  enrollments costs a few round trips, not two per device.
 - Sweeps: marking silent devices stale skips rows another transaction holds (`SKIP LOCKED`): such a device is being
   written right now, so it is not silent, and the sweep never waits on a batch.
 - A coordinator that vanishes without closing its connection holds its devices for at most
@@ -25,7 +28,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from server.registry_base import Registry
+from server.registry_base import COLUMNS, PUT, DeviceRow, Registry, decode_row, put_params
 from shared.errors import ConfigError
 
 IDLE_IN_TRANSACTION_S = 30
@@ -89,6 +92,8 @@ class PostgresRegistry(Registry):
         self._reader = self._connect(autocommit=True)
         self._reader_lock = threading.Lock()
         self._locked: set[int] = set()
+        self._rows: dict[str, DeviceRow | None] = {}  # devices read under this transaction's locks (None: no row)
+        self._puts: dict[str, DeviceRow] = {}  # written, not yet sent
         self._migrate(STEPS)
 
     def _connect(self, autocommit: bool = False) -> psycopg.Connection:
@@ -111,25 +116,49 @@ class PostgresRegistry(Registry):
     def transaction(self):
         if self._db.broken:  # the server restarted or dropped us: the batch gets a new connection
             self._db = self._connect()
-        self._locked = set()
+        self._locked, self._rows, self._puts = set(), {}, {}
         with self._db.transaction():
             yield
+            self._flush()
 
     def lock_devices(self, device_ids: list[str]) -> None:
         keys = sorted({device_key(d) for d in device_ids} - self._locked)
-        if keys:
-            self._db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (keys,))
-            self._locked.update(keys)
+        if not keys:
+            return
+        self._flush()
+        self._db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (keys,))
+        self._locked.update(keys)
+        ids = sorted({d for d in device_ids if d not in self._rows})
+        self._rows.update(dict.fromkeys(ids))
+        rows = self._db.execute(f"SELECT {COLUMNS} FROM devices WHERE id = ANY(%s)", (ids,)).fetchall()
+        self._rows.update((r[0], decode_row(r)) for r in rows)
+
+    def get(self, device_id: str) -> DeviceRow | None:
+        if device_id in self._rows:  # read under our lock, or written by this transaction
+            return self._rows[device_id]
+        return super().get(device_id)
+
+    def put(self, dev: DeviceRow) -> None:
+        self._rows[dev.id] = self._puts[dev.id] = dev
+
+    def _flush(self) -> None:
+        """Send the held `put`s (before any other statement, so the transaction reads its own writes)."""
+        if self._puts:
+            puts, self._puts = list(self._puts.values()), {}
+            with self._db.cursor() as cur:
+                cur.executemany(_sql(PUT), [put_params(dev) for dev in puts])
 
     def _lock_schema(self) -> None:
         self._db.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
 
     def mark_stale(self, cutoff: float) -> int:
+        self._flush()
         return self._db.execute(
             "UPDATE presence SET presence = 'stale' WHERE device_id IN (SELECT device_id FROM presence "
             "WHERE presence = 'online' AND last_seen < %s FOR UPDATE SKIP LOCKED)", (cutoff,)).rowcount
 
     def _write(self, sql: str, params: tuple = ()):
+        self._flush()
         return self._db.execute(_sql(sql), params)
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
