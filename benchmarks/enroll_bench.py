@@ -12,9 +12,10 @@ commit: every answer is durable before it is published); (3) N coordinator proce
 registry through MQTT 5 shared subscriptions, for each N of --coordinators (a new database each time). Without
 --registry the script starts a throwaway PostgreSQL with its durable defaults (fsync on; Debian's package, run as
 the `postgres` user when root) and creates one database per N; with --registry, N's database is that URL's with
-`_nN` appended (created on the same server). The load generator is this process. Each simulated device is a distinct device id with its own profile and request id; to keep the load
-generator light, the devices share a few MQTT connections (a `loadgen` user allowed on every device topic)
-instead of one connection each, so broker fan-in of thousands of sockets is not what is measured.
+`_nN` appended (created on the same server). The load generator is this process: each simulated device is a
+distinct device id with its own profile and request id; to keep the load generator light, the devices share a few
+MQTT connections (a `loadgen` user allowed on every device topic) instead of one connection each, so broker fan-in
+of thousands of sockets is not what is measured.
 Latency is from a device's enroll publish to its desired state arriving (answers are matched by request id).
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ import time
 from dataclasses import replace
 
 from fleet_helpers import (assert_assignment_ok, device_agents, fleet_config, free_port, http,  # noqa: F401
-                           mosquitto_broker, profile_of, request_count, synthetic_catalog, _synthetic_catalog_template, wait_until,
-                           write_config)
+                           mosquitto_broker, profile_of, registry_url, request_count, synthetic_catalog,
+                           _synthetic_catalog_template, wait_until, write_config)
 
 from client.fleet_sim import settled, wait_settled
 from server.registry import open_registry
@@ -28,9 +28,10 @@ def start_coordinator(config, catalog_root, log):
                             start_new_session=True)
 
 
-def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, synthetic_catalog, device_agents):
+def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, registry_url, synthetic_catalog,
+                                                  device_agents):
     devices = [DeviceConfig(f"dev-{i:03d}", *BUDGETS[i % len(BUDGETS)], password=f"pw-{i}") for i in range(N)]
-    fleet = fleet_config(tmp_path, "mqtt://unused", devices=devices, http_port=free_port())
+    fleet = fleet_config(tmp_path, "mqtt://unused", devices=devices, http_port=free_port(), registry=registry_url)
     fleet = replace(fleet, broker=replace(fleet.broker, url=mosquitto_broker(fleet).url))
     config = write_config(tmp_path / "fleet.yaml", fleet)
     url = f"http://127.0.0.1:{fleet.http_port}/api/devices"
