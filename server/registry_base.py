@@ -67,7 +67,6 @@ class Registry:
     (counts, `device`, `snapshot`) may run on any thread and see committed data only."""
 
     url: str  # what fleet.registry said (for messages; no password)
-    shared: bool  # can other coordinators write the same registry? (then retained states are checked)
 
     # ---- what a backend supplies -------------------------------------------------------------------------
 

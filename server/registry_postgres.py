@@ -84,8 +84,6 @@ def redact(url: str) -> str:
 
 
 class PostgresRegistry(Registry):
-    shared = True
-
     def __init__(self, url: str):
         self._dsn, self.url = url, redact(url)
         self._db = self._connect()

@@ -54,8 +54,6 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 class SqliteRegistry(Registry):
-    shared = False
-
     def __init__(self, path: Path | str, url: str | None = None):
         self.path = str(path)
         self.url = url or self.path
