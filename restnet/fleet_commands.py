@@ -17,6 +17,8 @@ def add_parsers(subparsers) -> None:
                                           "until interrupted.")
     c.add_argument("--config", required=True, help="fleet config YAML")
     c.add_argument("--catalog", help="catalog folder (default: fleet.catalog from the config)")
+    c.add_argument("--instance", type=int, default=1,
+                   help="which of the fleet.cluster.coordinators this one is, 1..N (default 1): its MQTT login")
     c.set_defaults(func=_coordinator)
 
     a = subparsers.add_parser("acl", help="write a Mosquitto password file, ACL and config for the fleet",
@@ -48,7 +50,7 @@ def _coordinator(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fleet = load_config(args.config).fleet
     catalog = Catalog.load(args.catalog or fleet.catalog)
-    coordinator = Coordinator(fleet, catalog).start()
+    coordinator = Coordinator(fleet, catalog, args.instance).start()
     print(f"coordinator: {len(catalog.variants)} variants, broker {fleet.broker.url}, http {coordinator.public_url} "
           f"(/metrics, /api/devices)", flush=True)
     try:

@@ -16,8 +16,8 @@ from server.broker import EmbeddedBroker
 from server.enrollment import DEVICE_TOPICS, Enrollment
 from server.fl_reports import FLReports
 from server.metrics import FleetMetrics
-from server.registry import Registry
-from server.transport import Busy, MqttTransport, Outgoing
+from server.registry import is_shared_url, open_registry
+from server.transport import Busy, MqttTransport, Outgoing, Sharing
 from server.versioning import VariantVersions
 from shared.artifacts import bytes_to_tensors
 from shared.catalog import Catalog, StaleVersion, manifest_path
@@ -32,21 +32,37 @@ log = logging.getLogger("restnet.coordinator")
 
 
 class Coordinator:
-    def __init__(self, fleet: FleetConfig, catalog: Catalog):
+    """Coordinator `instance` (1..fleet.cluster.coordinators) of the fleet; with more than one, they share the device
+    topics (MQTT 5 shared subscriptions), the PostgreSQL registry and the catalog folder."""
+
+    def __init__(self, fleet: FleetConfig, catalog: Catalog, instance: int = 1):
         self.fleet = fleet
+        cluster = fleet.cluster
+        if not 1 <= instance <= cluster.coordinators:
+            raise ConfigError(f"coordinator instance {instance} is not one of the {cluster.coordinators} in "
+                              "fleet.cluster.coordinators")
+        if cluster.coordinators > 1:
+            if parse_url(fleet.broker.url).embedded:
+                raise ConfigError("several coordinators (fleet.cluster.coordinators) cannot share the embedded broker",
+                                  "run Mosquitto or EMQX and set fleet.broker.url to mqtt://HOST:PORT")
+            if not is_shared_url(fleet.registry):
+                raise ConfigError("several coordinators (fleet.cluster.coordinators) cannot share a SQLite registry",
+                                  "set fleet.registry to postgresql://USER@HOST:PORT/DATABASE")
         signer = load_signer(fleet.signing_key) if fleet.signing_key else None
-        self.registry = Registry(fleet.registry)
+        self.registry = open_registry(fleet.registry)
         self.metrics = FleetMetrics(self.registry)
         self.variants = VariantVersions(catalog, fleet.memory_margin, signer=signer)
         self.enrollment = Enrollment(self.registry, self.variants, self.metrics, signer)
         self.fl_reports = FLReports(self.metrics)
         for variant_id, accuracy in self.variants.accuracies().items():
             self.metrics.variant_accuracy.labels(variant_id).set(accuracy)
+        sharing = Sharing(cluster.share_group, cluster.session_expiry_s) if cluster.coordinators > 1 else None
         self.transport = MqttTransport(
-            fleet.broker, fleet.broker.username or "restnet-coordinator",  # Mosquitto: client id = username
-            [f"{TOPIC_ROOT}/dev/+/{kind}" for kind in DEVICE_TOPICS], self.registry.transaction,
+            fleet.broker, fleet.coordinator_login(instance),  # Mosquitto: client id = username
+            [f"{TOPIC_ROOT}/dev/+/{kind}" for kind in DEVICE_TOPICS], self.enrollment.transaction,
             self.enrollment.handle, self._sweep, max(0.5, min(fleet.heartbeat_s, fleet.stale_after_s) / 2),
-            self.enrollment.republish_all, self.metrics)
+            self.enrollment.republish_all, self.metrics, sharing,
+            self.enrollment.stale_desired if sharing else None)
         self._embedded: EmbeddedBroker | None = None
         self.http: ArtifactServer | None = None
         self.public_url = ""

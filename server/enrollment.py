@@ -4,15 +4,23 @@ Enrollment is idempotent on (device id, request id): a repeated request gets the
 desired-state version moves only when what it should run changes (another variant, a new version of its variant,
 a refusal). Status, presence and heartbeats only update the registry. Everything here runs on the transport's
 worker, inside its transaction: answers are published after they are committed.
+
+With a shared registry (several coordinators), a transaction first locks the devices it will write
+(`Registry.lock_devices`, once, all together), and a retained desired state this coordinator published is checked
+against the registry once the broker has it (`stale_desired`): if another coordinator committed a newer state
+meanwhile, whose publication may have reached the broker first, the newer one is published again, so the state
+the broker retains last is the registry's.
 """
 from __future__ import annotations
 
 import json
 import logging
 import uuid
+from contextlib import contextmanager
 
 from server.metrics import FleetMetrics
 from server.registry import DeviceRow, Registry
+from server.registry_base import remember
 from server.transport import Incoming, Outgoing
 from server.versioning import VariantVersions
 from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageError, Presence, Profile, Refusal, Status,
@@ -28,6 +36,19 @@ class Enrollment:
     def __init__(self, registry: Registry, variants: VariantVersions, metrics: FleetMetrics,
                  signer: Signer | None = None):
         self.registry, self.variants, self.metrics, self.signer = registry, variants, metrics, signer
+
+    @contextmanager
+    def transaction(self, items: list[Incoming]):
+        """One registry transaction for a batch of device messages, their devices locked first."""
+        with self.registry.transaction():
+            ids = []
+            for item in items:
+                try:
+                    ids.append(parse_topic(item.topic)[0])
+                except MessageError:
+                    pass  # not a fleet topic: handle() counts it and touches nothing
+            self.registry.lock_devices(ids)
+            yield
 
     def handle(self, item: Incoming, out: list[Outgoing], now: float) -> None:
         """One device message: validated, applied to the registry; answers and errors appended to `out`."""
@@ -59,7 +80,7 @@ class Enrollment:
 
     def _enroll(self, msg: Enroll, out: list[Outgoing], now: float, arrived: float) -> None:
         prev = self.registry.get(msg.device_id)
-        if prev is not None and self.registry.seen_request(prev.id, msg.request_id):
+        if prev is not None and prev.answered(msg.request_id):  # a recent request again: the current state
             dev, result = prev, "duplicate"
         else:
             dev, result = self._assign(msg.device_id, msg.profile, msg.request_id, prev, now)
@@ -82,17 +103,21 @@ class Enrollment:
             state = "assigned" if assignment else "refused"
             result = "refused" if refusal else ("assigned" if prev is None else "reassigned")
         desired = encode(Desired(device_id, version, assignment_id, request_id, assignment, refusal), self.signer)
+        requests = remember(prev.requests if prev else (), request_id)
         row = DeviceRow(device_id, profile, request_id, version, assignment_id, variant[0], variant[1], desired,
-                        state, reason, prev.enrolled_at if prev else now, now)
+                        state, reason, prev.enrolled_at if prev else now, now, requests)
         return row, result
 
     def follow_new_version(self, variant_id: str, out: list[Outgoing], now: float) -> int:
         """Devices that run an older version of `variant_id` get a new desired state (the best variant for their
         profile now, normally the new version); returns how many."""
         current = self.variants.catalog.get(variant_id).version
+        ids = [row.id for row in self.registry.on_variant(variant_id)]
+        self.registry.lock_devices(ids)
         moved = 0
-        for prev in self.registry.on_variant(variant_id):
-            if prev.variant_version is not None and prev.variant_version >= current:
+        for device_id in ids:
+            prev = self.registry.get(device_id)  # again, under the lock: another coordinator may have moved it
+            if prev.variant_id != variant_id or (prev.variant_version or 0) >= current:
                 continue  # already told (by this coordinator or another one sharing the registry)
             row, _ = self._assign(prev.id, prev.profile, prev.request_id, prev, now)
             self.registry.put(row)
@@ -105,17 +130,27 @@ class Enrollment:
         rotation, devices that trust only the new key still get their instructions. Content and versions stay."""
         if self.signer is None:
             return 0
+        ids = [device_id for device_id, payload in self.registry.all_desired()
+               if json.loads(payload).get("key_id") != self.signer.key_id]
+        self.registry.lock_devices(ids)
         resigned = 0
-        for device_id, payload in self.registry.all_desired():
-            data = json.loads(payload)
-            if data.get("key_id") == self.signer.key_id:
+        for device_id in ids:
+            row = self.registry.get(device_id)  # again, under the lock: another coordinator may have changed it
+            if json.loads(row.desired).get("key_id") == self.signer.key_id:
                 continue
-            row = self.registry.get(device_id)
-            row.desired = encode(decode_desired(device_id, payload), self.signer)
+            row.desired = encode(decode_desired(device_id, row.desired), self.signer)
             self.registry.put(row)
             out.append(Outgoing(topic(device_id, "desired"), row.desired, True))
             resigned += 1
         return resigned
+
+    def stale_desired(self, published: list[Outgoing]) -> list[Outgoing]:
+        """Of these retained desired states, now held by the broker, those the registry has replaced since:
+        the registry's current state for each, to publish again (it may have reached the broker first)."""
+        sent = {o.topic: o.payload for o in published}
+        ids = [parse_topic(t)[0] for t in sent]
+        current = self.registry.desired_of(ids)
+        return [Outgoing(topic(i, "desired"), d, True) for i, d in current.items() if d != sent[topic(i, "desired")]]
 
     def republish_all(self, out: list[Outgoing], now: float) -> int:
         """Every device's retained desired state again (for a broker that lost them)."""

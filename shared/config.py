@@ -117,9 +117,18 @@ class BrokerConfig:
 
 
 @_section
+class ClusterConfig:
+    """Several coordinators serving one fleet (docs/DEPLOY.md, "A coordinator cluster")."""
+
+    coordinators: Int = 1  # > 1: MQTT 5 shared subscriptions, a PostgreSQL registry, an external broker
+    share_group: str = "restnet"  # the shared-subscription group: $share/<group>/fleet/v1/dev/+/<kind>
+    session_expiry_s: Int = 60  # how long the broker keeps a coordinator's session (and its share) after it left
+
+
+@_section
 class FleetConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
-    registry: str = "fleet.db"
+    registry: str = "fleet.db"  # a SQLite path, sqlite:///path or postgresql://user@host:port/database
     http_host: str = "127.0.0.1"
     http_port: Int = 8780
     http_public_url: str | None = None  # base URL devices use for artifacts; default http(s)://host:port
@@ -135,6 +144,13 @@ class FleetConfig:
     heartbeat_s: Float = 10.0
     stale_after_s: Float = 30.0
     devices: list[DeviceConfig] = field(default_factory=list)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def coordinator_login(self, instance: int = 1) -> str:
+        """MQTT user name and client id of coordinator `instance` (1..cluster.coordinators): the first keeps
+        `broker.username` (and so its session when a cluster grows), the others add `-<instance>`."""
+        base = self.broker.username or "restnet-coordinator"
+        return base if instance == 1 else f"{base}-{instance}"
 
     def public_url(self, port: int | None = None) -> str:
         """The base URL devices and tools reach the coordinator's HTTP side at: `http_public_url`, else
@@ -215,6 +231,11 @@ def _check(cfg: Config) -> None:
         need(valid_device_id(d.id),
              f"device id {d.id!r} may only hold letters, digits, '-' and '_' (it is an MQTT topic level)")
         need(d.memory_mb > 0 and d.compute > 0, f"device {d.id}: memory_mb and compute must be positive")
+    cluster = cfg.fleet.cluster
+    need(cluster.coordinators >= 1, "fleet.cluster.coordinators must be >= 1")
+    need(valid_device_id(cluster.share_group),
+         "fleet.cluster.share_group may only hold letters, digits, '-' and '_' (it is an MQTT topic level)")
+    need(cluster.session_expiry_s >= 0, "fleet.cluster.session_expiry_s must be >= 0")
     need(cfg.federated.partition.alpha > 0, "federated.partition.alpha must be positive")
     need(0.0 <= cfg.federated.trim_fraction < 0.5, "federated.trim_fraction must be in [0, 0.5)")
 

@@ -6,7 +6,8 @@
   mqtt://HOST[:PORT]        an external broker (Mosquitto, EMQX...), plain TCP, default port 1883
   mqtts://HOST[:PORT]       the same over TLS, default port 8883 (`ca_file`, optional `cert_file`/`key_file`)
 Both the coordinator and the device agent connect through `make_client`; starting the embedded broker is the
-coordinator's business (`server.broker`). Everything speaks MQTT 3.1.1, which both brokers support.
+coordinator's business (`server.broker`). Devices speak MQTT 3.1.1, which both brokers support; coordinators
+that share the device topics (MQTT 5 shared subscriptions) speak MQTT 5 (`mqtt5=True`, external brokers only).
 """
 from __future__ import annotations
 
@@ -47,11 +48,15 @@ def parse_url(url: str) -> BrokerAddress:
 
 
 def make_client(cfg: BrokerConfig, client_id: str, username: str | None, password: str | None,
-                clean_session: bool) -> tuple[mqtt.Client, BrokerAddress]:
-    """A paho client set up for the configured broker: credentials, TLS, lifted in-flight window."""
+                clean_session: bool, mqtt5: bool = False) -> tuple[mqtt.Client, BrokerAddress]:
+    """A paho client set up for the configured broker: credentials, TLS, lifted in-flight window. With `mqtt5`,
+    `clean_session` does not apply: MQTT 5 asks for `clean_start` and a session expiry at connect time."""
     address = parse_url(cfg.url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                         clean_session=clean_session)
+    if mqtt5:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                             clean_session=clean_session)
     client.on_socket_open = _no_delay
     client.max_inflight_messages_set(INFLIGHT)
     client.max_queued_messages_set(0)  # unbounded: the broker, not the client, should push back

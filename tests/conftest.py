@@ -1,4 +1,4 @@
-"""Shared fixtures: a real (tiny) catalog built by the real pipeline on the offline digits data."""
+"""Shared fixtures: a real (tiny) catalog built by the real pipeline on the offline digits data; a real PostgreSQL."""
 from __future__ import annotations
 
 import copy
@@ -38,3 +38,13 @@ def tiny_catalog(tmp_path_factory):
     report = build_catalog(parse_config(tiny_config_dict(), "tiny"), out, progress=False, log=lambda m: None)
     assert len(report.catalog.variants) >= 2, "the tiny config must yield at least two variants"
     return report.catalog
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the session (started on first use); each test takes a database of its own."""
+    from postgres_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()

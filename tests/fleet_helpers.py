@@ -1,4 +1,5 @@
-"""Fixtures for the fleet tests: a synthetic catalog, real brokers on free ports, a budget oracle.
+"""Fixtures for the fleet tests: a synthetic catalog, real brokers on free ports, real registries (a SQLite file,
+a PostgreSQL started once per session), a budget oracle.
 
 The catalog is real in every way that matters for delivery (Catalog, VariantRecord, Manifest, BlobStore, blocks
 exported from actual randomly initialised stitched models, so `load_variant` works on a device); only the
@@ -140,6 +141,25 @@ def synthetic_catalog(tmp_path, _synthetic_catalog_template) -> Catalog:
 
 # ---- fleet configs and brokers ------------------------------------------------------------------------------
 
+# ---- registries -------------------------------------------------------------------------------------------------
+
+REGISTRIES = ["sqlite", "postgresql"]
+
+
+def make_registry_url(request, tmp_path: Path, kind: str) -> str:
+    """A fresh registry of that kind: a SQLite file in tmp_path or a new database of the session's PostgreSQL
+    (`postgres_server` in conftest.py)."""
+    if kind == "sqlite":
+        return str(tmp_path / "fleet.db")
+    return request.getfixturevalue("postgres_server").create_database()
+
+
+@pytest.fixture(params=REGISTRIES)
+def registry_url(request, tmp_path) -> str:
+    """Each kind of registry in turn, empty: `fleet.registry` for it."""
+    return make_registry_url(request, tmp_path, request.param)
+
+
 def fleet_config(tmp_path: Path, broker_url: str, **overrides) -> FleetConfig:
     broker = BrokerConfig(url=broker_url, username=COORDINATOR_USER, password=COORDINATOR_PASSWORD)
     cfg = FleetConfig(broker=broker, registry=str(tmp_path / "fleet.db"), http_port=0, memory_margin=MARGIN,
@@ -230,12 +250,15 @@ def start_agent(fleet: FleetConfig, device: DeviceConfig, tmp_path: Path, **kwar
                        tmp_path / "devices" / device.id, **kwargs).start()
 
 
-@pytest.fixture(params=["mosquitto", "embedded"])
+@pytest.fixture(params=[(b, r) for b in ("mosquitto", "embedded") for r in REGISTRIES], ids="-".join)
 def broker_fleet(request, tmp_path, mosquitto_broker) -> FleetConfig:
-    """A fleet config whose broker is a real Mosquitto (password file + ACL) or the embedded rumqttd."""
-    if request.param == "embedded":
-        return fleet_config(tmp_path, f"embedded://127.0.0.1:{free_port()}")
-    cfg = fleet_config(tmp_path, "mqtt://unused")
+    """A fleet config whose broker is a real Mosquitto (password file + ACL) or the embedded rumqttd, and whose
+    registry is a SQLite file or a PostgreSQL database."""
+    broker, registry = request.param
+    registry = make_registry_url(request, tmp_path, registry)
+    if broker == "embedded":
+        return fleet_config(tmp_path, f"embedded://127.0.0.1:{free_port()}", registry=registry)
+    cfg = fleet_config(tmp_path, "mqtt://unused", registry=registry)
     broker = mosquitto_broker(cfg)
     return replace(cfg, broker=replace(cfg.broker, url=broker.url))
 
@@ -395,9 +418,7 @@ def install_from_catalog(catalog, variant_id: str, device_dir: Path):
     return manifest
 
 
-def request_count(registry_path, device_id: str) -> int:
-    """Request ids the registry remembers for a device (read from the SQLite file itself)."""
-    import sqlite3
-
-    with sqlite3.connect(registry_path) as db:
-        return db.execute("SELECT COUNT(*) FROM requests WHERE device_id = ?", (device_id,)).fetchone()[0]
+def request_count(registry, device_id: str) -> int:
+    """Request ids the registry remembers for a device (0 without a row)."""
+    row = registry.device(device_id)
+    return len(row.requests) if row else 0

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,19 @@ def demo_config(tmp_path: Path) -> dict:
     return cfg
 
 
+MARK = f"RESTNET_TEST_RUN={uuid.uuid4().hex}"  # in the environment of every process this module starts
+
+
 def flower_processes() -> dict[int, str]:
-    """Our Flower and broker processes still alive (SuperLink, SuperNodes, their superexec/app children, `flwr`
-    commands), by pid with their command lines (so a failure says which process was left)."""
+    """Flower and broker processes that this module's demos started (they and their children inherit MARK in their
+    environment; other sessions' processes on the machine do not count), by pid with their command lines."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
+            if MARK.encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
@@ -50,18 +56,19 @@ def flower_processes() -> dict[int, str]:
     return found
 
 
-def wait_gone(before: dict[int, str], timeout: float = 30.0) -> dict[int, str]:
-    """The processes not in `before` that are still alive after `timeout` seconds, by pid with command line."""
+def wait_gone(timeout: float = 30.0) -> dict[int, str]:
+    """Our processes still alive after `timeout` seconds, by pid with command line."""
     deadline = time.monotonic() + timeout
     while True:
-        left = {pid: cmd for pid, cmd in flower_processes().items() if pid not in before}
+        left = flower_processes()
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
 
 
 def run_demo(config: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    key, value = MARK.split("=")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", key: value}
     return subprocess.Popen([sys.executable, "-m", "restnet.cli", "demo", "--config", str(config), "--out", str(out),
                              "--http-port", "0", "--broker-port", "0", "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
@@ -86,11 +93,9 @@ def demo_run(tmp_path_factory):
     config = root / "demo.yaml"
     config.write_text(yaml.safe_dump(cfg))
     (base / ".config-digest").write_text(config_digest(parse_config(cfg, "test")))  # the fleet part is not hashed
-    before = flower_processes()
     proc = run_demo(config, root / "out")
     out, err = proc.communicate(timeout=900)
-    return {"code": proc.returncode, "stdout": out, "stderr": err, "root": root, "config": config,
-            "cfg": cfg, "before": before}
+    return {"code": proc.returncode, "stdout": out, "stderr": err, "root": root, "config": config, "cfg": cfg}
 
 
 def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
@@ -132,12 +137,11 @@ def test_plots_are_written(demo_run):
 
 
 def test_no_process_is_left_running(demo_run):
-    assert wait_gone(demo_run["before"]) == {}
+    assert wait_gone() == {}
 
 
 def test_ctrl_c_stops_every_process(demo_run):
     """A second run reuses the catalog; interrupt it once the devices are enrolling."""
-    before = flower_processes()
     proc = run_demo(demo_run["config"], demo_run["root"] / "out")
     seen = ""
     deadline = time.monotonic() + 300
@@ -148,7 +152,7 @@ def test_ctrl_c_stops_every_process(demo_run):
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert wait_gone(before) == {}
+    assert wait_gone() == {}
 
 
 def test_the_catalog_is_rebuilt_only_when_its_own_settings_change():

@@ -3,7 +3,8 @@
 - The compose files validate with docker-compose (`config`), and every service, volume, file and image they refer
   to exists; the services the kit promises are there.
 - The fleet config the containers share fits the compose file: broker host and port, the coordinator's public URL,
-  the devices started, the SuperLink port.
+  the devices started, the SuperLink port; the coordinator cluster: one service per fleet.cluster.coordinators
+  with its --instance, all on the PostgreSQL service the registry URL names, with its credentials.
 - The broker config works with the password file and ACL that `restnet acl` generates: a real Mosquitto is
   started with them (on free loopback ports), and a device can log in with its password, not with another, and
   cannot subscribe to another device's topics.
@@ -145,7 +146,8 @@ def device_services(compose: dict) -> dict:
 
 def test_compose_has_every_part_of_the_kit(compose):
     services = compose["services"]
-    for name in ("mosquitto", "superlink", "coordinator", "prometheus", "grafana", "credentials", "catalog"):
+    for name in ("mosquitto", "postgres", "superlink", "coordinator", "coordinator-2", "prometheus", "grafana",
+                 "credentials", "catalog"):
         assert name in services, f"compose lacks the {name} service"
     assert len(device_services(compose)) >= 3, "the compose file should start a few devices"
     assert "eclipse-mosquitto" in services["mosquitto"]["image"]
@@ -237,7 +239,7 @@ def test_fleet_config_fits_the_compose_file(compose, fleet_cfg):
     assert public.hostname == "coordinator" and public.port == fleet.http_port
     assert any(str(fleet.http_port) == str(p.get("target") if isinstance(p, dict) else p).split(":")[-1]
                for p in s["coordinator"].get("ports", [])), "the coordinator's HTTP port is not published"
-    assert fleet.registry.startswith("/data/") and fleet.device_root.startswith("/data/")
+    assert fleet.device_root.startswith("/data/")
     ids = {d.id: d for d in fleet.devices}
     for name, svc in device_services(compose).items():
         device_id = svc["environment"]["DEVICE_ID"]
@@ -246,6 +248,30 @@ def test_fleet_config_fits_the_compose_file(compose, fleet_cfg):
         assert any(v.endswith(":/data:rw") or v.endswith(":/data") for v in svc["volumes"]), \
             f"{name} needs its own volume for its device folder"
     assert f"--port={fleet_cfg.federated.superlink_port}" in s["superlink"]["command"]
+
+
+def test_the_coordinator_cluster_shares_postgres_broker_and_catalog(compose, fleet_cfg):
+    from restnet.cli import build_parser
+
+    s = compose["services"]
+    fleet = fleet_cfg.fleet
+    registry = urlsplit(fleet.registry)
+    assert registry.scheme == "postgresql" and registry.hostname == "postgres" and registry.password is None, \
+        "the registry is the postgres service, its password from the environment (PGPASSWORD)"
+    env = s["postgres"]["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == (registry.username, registry.path.lstrip("/"))
+    n = fleet.cluster.coordinators
+    assert n >= 2, "the kit runs a coordinator cluster"
+    names = ["coordinator"] + [f"coordinator-{k}" for k in range(2, n + 1)]
+    for k, name in enumerate(names, start=1):
+        svc = s[name]
+        args = build_parser().parse_args(svc["command"])
+        assert args.instance == k and args.config == "/config/fleet.yaml", name
+        assert svc["environment"]["PGPASSWORD"] == env["POSTGRES_PASSWORD"], name
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert svc["depends_on"]["mosquitto"]["condition"] == "service_healthy", name
+        assert any(v.split(":")[:2] == ["coordinator-data", "/data"] for v in svc["volumes"]), name  # the catalog
+    assert "healthcheck" in s["postgres"]
 
 
 def test_catalog_and_coordinator_share_the_catalog_volume(compose, fleet_cfg):

@@ -1,4 +1,5 @@
-"""Enrollment and variant versioning on their own: a real SQLite registry and a real catalog, no broker."""
+"""Enrollment and variant versioning on their own: a real registry (SQLite, PostgreSQL) and a real catalog, no
+broker."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,10 @@ import sys
 from dataclasses import replace
 
 from fleet_helpers import (DEVICES, MARGIN, _synthetic_catalog_template, assert_assignment_ok,  # noqa: F401
-                           profile_of, synthetic_catalog)
+                           profile_of, registry_url, synthetic_catalog)
 from server.enrollment import Enrollment
 from server.metrics import FleetMetrics
-from server.registry import Registry
+from server.registry import REQUESTS_KEPT, open_registry
 from server.transport import Incoming
 from server.versioning import VariantVersions
 from shared.artifacts import bytes_to_tensors
@@ -17,8 +18,8 @@ from shared.catalog import Catalog
 from shared.messages import Enroll, decode_desired, decode_error, encode, topic
 
 
-def parts(tmp_path, catalog):
-    registry = Registry(tmp_path / "fleet.db")
+def parts(registry_url, catalog):
+    registry = open_registry(registry_url)
     versions = VariantVersions(catalog, MARGIN, "http://coordinator:1")
     return registry, versions, Enrollment(registry, versions, FleetMetrics(registry))
 
@@ -26,33 +27,52 @@ def parts(tmp_path, catalog):
 def enroll(enrollment, registry, device, request_id="r1", now=1.0):
     out = []
     msg = Enroll(device.id, request_id, profile_of(device))
-    with registry.transaction():
-        enrollment.handle(Incoming(topic(device.id, "enroll"), encode(msg), 1, 1, 0.0), out, now)
+    item = Incoming(topic(device.id, "enroll"), encode(msg), 1, 1, 0.0)
+    with enrollment.transaction([item]):
+        enrollment.handle(item, out, now)
     return out
 
 
-def test_enrollment_assigns_answers_repeats_and_rejects(tmp_path, synthetic_catalog):
-    registry, _, enrollment = parts(tmp_path, synthetic_catalog)
+def test_enrollment_assigns_answers_repeats_and_rejects(registry_url, synthetic_catalog):
+    registry, _, enrollment = parts(registry_url, synthetic_catalog)
     for device in DEVICES:
         (answer,) = enroll(enrollment, registry, device)
         desired = decode_desired(device.id, answer.payload)
         assert answer.retain and answer.topic == topic(device.id, "desired")
         assert_assignment_ok(synthetic_catalog, profile_of(device), desired.assignment.variant_id)
         assert desired.assignment.manifest_url.startswith("http://coordinator:1/manifests/")
-    again = enroll(enrollment, registry, DEVICES[0])  # the same request: the stored answer, nothing new
-    assert again[0].payload == registry.get(DEVICES[0].id).desired
+    again = enroll(enrollment, registry, DEVICES[0])  # the same request: the current state, nothing new
+    assert again[0].payload == registry.device(DEVICES[0].id).desired
 
     out = []
     with registry.transaction():
         enrollment.handle(Incoming(topic("dev-x", "enroll"), b'{"v": 1}', 2, 1, 0.0), out, 1.0)
-    assert decode_error(out[0].payload).code == "schema" and registry.get("dev-x") is None
+    assert decode_error(out[0].payload).code == "schema" and registry.device("dev-x") is None
 
 
-def test_a_version_published_by_another_writer_reaches_the_devices_on_it(tmp_path, synthetic_catalog):
-    registry, versions, enrollment = parts(tmp_path, synthetic_catalog)
+def test_forgotten_request_ids_are_new_requests_and_recent_ones_get_the_current_state(registry_url,
+                                                                                       synthetic_catalog):
+    registry, _, enrollment = parts(registry_url, synthetic_catalog)
+    device = DEVICES[1]
+    first = decode_desired(device.id, enroll(enrollment, registry, device, "req-0")[0].payload)
+    for n in range(1, 1000):  # the same budget under 999 more request ids: same variant, same version
+        enroll(enrollment, registry, device, f"req-{n}", now=1.0 + n)
+    row = registry.device(device.id)
+    assert len(row.requests) == REQUESTS_KEPT and row.requests[-1] == "req-999"
+    assert (row.version, row.assignment_id, row.request_id) == (first.version, first.assignment_id, "req-999")
+    recent = decode_desired(device.id, enroll(enrollment, registry, device, "req-990")[0].payload)
+    assert recent.request_id == "req-999"  # a recent request again: the device's current desired state, unchanged
+    assert registry.device(device.id).requests == row.requests
+    forgotten = decode_desired(device.id, enroll(enrollment, registry, device, "req-0")[0].payload)
+    assert forgotten.request_id == "req-0" and forgotten.version == first.version  # handled as new, unchanged answer
+    assert registry.device(device.id).requests == (*row.requests[1:], "req-0")
+
+
+def test_a_version_published_by_another_writer_reaches_the_devices_on_it(registry_url, synthetic_catalog):
+    registry, versions, enrollment = parts(registry_url, synthetic_catalog)
     device = DEVICES[1]
     enroll(enrollment, registry, device)
-    row = registry.get(device.id)
+    row = registry.device(device.id)
     assert versions.refresh() == set()  # nothing changed on disk
 
     other = Catalog.load(synthetic_catalog.root)  # e.g. `restnet stitch-train --save` on the same folder
@@ -67,21 +87,21 @@ def test_a_version_published_by_another_writer_reaches_the_devices_on_it(tmp_pat
         assert enrollment.follow_new_version(row.variant_id, [], 3.0) == 0  # told once
     desired = decode_desired(device.id, out[0].payload)
     assert desired.version == row.version + 1 and desired.assignment.variant_version == 2
-    assert json.loads(registry.get(device.id).desired)["assignment"]["variant_version"] == 2
+    assert json.loads(registry.device(device.id).desired)["assignment"]["variant_version"] == 2
 
 
-def test_a_latency_target_too_small_for_any_variant_is_refused_not_crashed(tmp_path, synthetic_catalog):
-    registry, _, enrollment = parts(tmp_path, synthetic_catalog)
+def test_a_latency_target_too_small_for_any_variant_is_refused_not_crashed(registry_url, synthetic_catalog):
+    registry, _, enrollment = parts(registry_url, synthetic_catalog)
     device = replace(DEVICES[2], latency_ms=5e-324)  # in range for the schema; the compute it needs overflows
     (answer,) = enroll(enrollment, registry, device)
     desired = decode_desired(device.id, answer.payload)
     assert desired.assignment is None and desired.refusal.smallest["compute"] == sys.float_info.max
-    assert registry.get(device.id).state == "refused"
+    assert registry.device(device.id).state == "refused"
 
 
-def test_a_failure_of_ours_answers_the_device_instead_of_leaving_it_retrying(tmp_path, synthetic_catalog,
+def test_a_failure_of_ours_answers_the_device_instead_of_leaving_it_retrying(registry_url, synthetic_catalog,
                                                                             monkeypatch):
-    registry, versions, enrollment = parts(tmp_path, synthetic_catalog)
+    registry, versions, enrollment = parts(registry_url, synthetic_catalog)
 
     def broken(variant_id):
         raise RuntimeError("a bug")
@@ -90,4 +110,4 @@ def test_a_failure_of_ours_answers_the_device_instead_of_leaving_it_retrying(tmp
     (answer,) = enroll(enrollment, registry, DEVICES[0], request_id="r7")
     error = decode_error(answer.payload)
     assert (answer.topic, error.code, error.request_id) == (topic(DEVICES[0].id, "error"), "internal", "r7")
-    assert registry.get(DEVICES[0].id) is None  # nothing applied
+    assert registry.device(DEVICES[0].id) is None  # nothing applied

@@ -10,11 +10,11 @@ import time
 from dataclasses import replace
 
 from fleet_helpers import (assert_assignment_ok, device_agents, fleet_config, free_port, http,  # noqa: F401
-                           mosquitto_broker, profile_of, request_count, synthetic_catalog, _synthetic_catalog_template, wait_until,
-                           write_config)
+                           mosquitto_broker, profile_of, registry_url, request_count, synthetic_catalog,
+                           _synthetic_catalog_template, wait_until, write_config)
 
 from client.fleet_sim import settled, wait_settled
-from server.registry import Registry
+from server.registry import open_registry
 from shared.config import DeviceConfig
 
 BUDGETS = [(20, 1.0, None), (50, 0.5, 20.0), (200, 2.0, 10.0), (10, 1.0, None)]  # the last one is refused
@@ -28,9 +28,10 @@ def start_coordinator(config, catalog_root, log):
                             start_new_session=True)
 
 
-def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, synthetic_catalog, device_agents):
+def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, registry_url, synthetic_catalog,
+                                                  device_agents):
     devices = [DeviceConfig(f"dev-{i:03d}", *BUDGETS[i % len(BUDGETS)], password=f"pw-{i}") for i in range(N)]
-    fleet = fleet_config(tmp_path, "mqtt://unused", devices=devices, http_port=free_port())
+    fleet = fleet_config(tmp_path, "mqtt://unused", devices=devices, http_port=free_port(), registry=registry_url)
     fleet = replace(fleet, broker=replace(fleet.broker, url=mosquitto_broker(fleet).url))
     config = write_config(tmp_path / "fleet.yaml", fleet)
     url = f"http://127.0.0.1:{fleet.http_port}/api/devices"
@@ -61,7 +62,7 @@ def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, sy
         proc.wait()
         log.close()
 
-    registry = Registry(fleet.registry)
+    registry = open_registry(fleet.registry)
     try:
         for device_id, desired in acknowledged.items():
             row = registry.device(device_id)  # what the device was told is what the registry holds
@@ -69,7 +70,7 @@ def test_acknowledged_enrollments_survive_sigkill(tmp_path, mosquitto_broker, sy
                 (desired.request_id, desired.assignment_id, desired.version)
         for agent, device in zip(agents, devices):
             row = registry.device(agent.device_id)
-            assert request_count(fleet.registry, agent.device_id) == 1  # retries and redeliveries counted once
+            assert request_count(registry, agent.device_id) == 1  # retries and redeliveries counted once
             assert row.assignment_id == agent.desired.assignment_id
             variant = agent.desired.assignment.variant_id if agent.desired.assignment else None
             assert_assignment_ok(synthetic_catalog, profile_of(device), variant)

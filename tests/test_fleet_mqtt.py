@@ -15,8 +15,8 @@ import pytest
 import torch
 from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, broker_fleet,  # noqa: F401
                            device_agents, embedded_broker_url, fleet_config, fleet_coordinator, free_port, http,
-                           metric, mosquitto_broker, profile_of, raw_clients, request_count, synthetic_catalog, wait_until,
-                           write_config)
+                           metric, mosquitto_broker, profile_of, raw_clients, registry_url, request_count,
+                           synthetic_catalog, wait_until, write_config)
 
 from client.download import fetch_blob
 from client.fleet_sim import settled, wait_settled
@@ -76,7 +76,7 @@ def test_the_same_enrollment_twice_gives_the_same_answer_and_one_row(broker_flee
     desired = decode_desired(device.id, answers[0][1])
     assert desired.request_id == "req-1" and desired.version == 1
     assert_assignment_ok(synthetic_catalog, profile_of(device), desired.assignment.variant_id)
-    assert len(coordinator.devices()) == 1 and request_count(coordinator.registry.path, device.id) == 1
+    assert len(coordinator.devices()) == 1 and request_count(coordinator.registry, device.id) == 1
     assert metric(coordinator, "fleet_enrollments_total", result="duplicate") == 1
 
 
@@ -187,9 +187,9 @@ def _restart(broker) -> bool:
 
 
 def test_aggregated_stitch_becomes_a_new_version_that_only_moves_the_stitch(tmp_path, embedded_broker_url,
-                                                                           synthetic_catalog, fleet_coordinator,
-                                                                           device_agents):
-    fleet = fleet_config(tmp_path, embedded_broker_url)
+                                                                           registry_url, synthetic_catalog,
+                                                                           fleet_coordinator, device_agents):
+    fleet = fleet_config(tmp_path, embedded_broker_url, registry=registry_url)
     coordinator = fleet_coordinator(fleet, synthetic_catalog)
     agent = device_agents(fleet, DEVICES[1])
     assert agent.wait(settled, 20)
@@ -236,9 +236,9 @@ def test_aggregated_stitch_becomes_a_new_version_that_only_moves_the_stitch(tmp_
     assert status == 409 and "at version 2" in json.loads(reply)["error"]
 
 
-def test_a_version_another_writer_publishes_reaches_the_devices(tmp_path, embedded_broker_url, synthetic_catalog,
-                                                                fleet_coordinator, device_agents):
-    fleet = fleet_config(tmp_path, embedded_broker_url)
+def test_a_version_another_writer_publishes_reaches_the_devices(tmp_path, embedded_broker_url, registry_url,
+                                                                synthetic_catalog, fleet_coordinator, device_agents):
+    fleet = fleet_config(tmp_path, embedded_broker_url, registry=registry_url)
     coordinator = fleet_coordinator(fleet, synthetic_catalog)
     agent = device_agents(fleet, DEVICES[1])
     assert agent.wait(settled, 20)

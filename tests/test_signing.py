@@ -16,7 +16,7 @@ from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignme
 
 from client.download import install
 from client.fleet_sim import settled
-from server.registry import Registry
+from server.registry import open_registry
 from shared.errors import IntegrityError
 from shared.messages import Assignment, Desired, Refusal, decode_desired, encode, topic
 from shared.signing import SignatureError, canonical, generate_key, load_signer, load_verifier
@@ -188,7 +188,7 @@ def test_a_key_rotation_keeps_every_device_served(tmp_path, embedded_broker_url,
     rotated = replace(fleet, signing_key=keys["new"][0])
     fleet_coordinator(rotated, synthetic_catalog)  # on start: every stored desired state signed again
     new_id = load_signer(keys["new"][0]).key_id
-    row = Registry(fleet.registry).device(DEVICES[1].id)
+    row = open_registry(fleet.registry).device(DEVICES[1].id)
     assert json.loads(row.desired)["key_id"] == new_id and row.version == before.version  # same instruction
     sig = json.loads((synthetic_catalog.root / f"manifests/{row.variant_id}/v1.json.sig").read_text())
     assert sig["key_id"] == new_id
