@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shared.artifacts import atomic_write
 from shared.flower_link import LinkSecurity
 from shared.node_data import NodeData
-from shared.processes import ManagedProcess, flower_executable, free_port
+from shared.processes import ManagedProcess, PortTaken, flower_executable, free_port
 
 log = logging.getLogger(__name__)
 NODE_CONFIG = "node-config.toml"
@@ -60,6 +60,7 @@ class SuperNode:
         """`security`: TLS with the SuperLink's CA, or insecure when asked for; `auth_private_key`: this device's
         key (`generate_supernode_key`) when the SuperLink admits registered SuperNodes only."""
         self.node, self.superlink = node, superlink
+        self.fixed_port = port is not None
         self.port = port or free_port()  # the node's local runtime API (its superexec talks to it)
         self.security = security.supernode_args()
         if auth_private_key:
@@ -82,8 +83,16 @@ class SuperNode:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        self.process.wait_ready(self.port, timeout)
+    def wait_ready(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Wait until it serves its port; a port chosen here but taken meanwhile by another process is changed."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.process.wait_ready(self.port, timeout)
+            except PortTaken:
+                if self.fixed_port or attempt == attempts:
+                    raise
+                self.port = free_port()
+                self.start(wait=False)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is not None:

@@ -111,7 +111,7 @@ def run(args) -> int:
         coordinator = Coordinator(fleet, catalog).start()
         stack.callback(coordinator.stop)
         say(f"coordinator up: metrics {coordinator.public_url}/metrics, status page {coordinator.public_url}/")
-        link = SuperLink(run_dir / "flower", port=free_port()).start()  # one machine: plain HTTP on loopback
+        link = SuperLink(run_dir / "flower").start()  # one machine: plain HTTP on loopback
         stack.callback(link.stop)
         say(f"Flower SuperLink up on {link.address}")
         nodes = SuperNodeManager(link.address, link.security, cfg.data, cfg.federated.partition,

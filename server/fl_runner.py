@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tomli_w
 
-from shared.processes import HOST, ManagedProcess, flower_env, flower_executable, free_port
+from shared.processes import HOST, ManagedProcess, flower_env, flower_executable, start_server
 from shared.artifacts import bytes_to_tensors
 from shared.catalog import Catalog, StaleVersion
 from shared.errors import ConfigError, RestnetError
@@ -69,26 +69,29 @@ class SuperLink:
                  node_auth: bool = False):
         if node_auth and tls is None:
             raise ConfigError("SuperNode authentication needs TLS", "give the SuperLink its certificates")
-        self.state_dir = Path(state_dir)
-        self.port = port or free_port()
+        self.state_dir, self.port, self.tls, self.node_auth = Path(state_dir), port, tls, node_auth
         self.security = LinkSecurity(tls.ca) if tls else INSECURE  # what clients of this SuperLink use
-        cmd = [flower_executable("flower-superlink"), *(tls.args() if tls else ["--insecure"]),
-               *(["--enable-supernode-auth"] if node_auth else []), "--disable-runtime-dependency-installation",
-               "--host", HOST, "--port", str(self.port)]
-        self.process = ManagedProcess("superlink", cmd, self.state_dir / "superlink.log",
-                                      env={"FLWR_HOME": str(self.state_dir / "superlink-home")}, ports=(self.port,))
+        self.process: ManagedProcess | None = None
 
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
+    def _process(self, port: int) -> ManagedProcess:
+        cmd = [flower_executable("flower-superlink"), *(self.tls.args() if self.tls else ["--insecure"]),
+               *(["--enable-supernode-auth"] if self.node_auth else []), "--disable-runtime-dependency-installation",
+               "--host", HOST, "--port", str(port)]
+        return ManagedProcess("superlink", cmd, self.state_dir / "superlink.log",
+                              env={"FLWR_HOME": str(self.state_dir / "superlink-home")}, ports=(port,))
+
     def start(self, timeout: float = 60.0) -> "SuperLink":
-        self.process.start()
-        self.process.wait_ready(self.port, timeout)
+        """Start on the given port, or on a free one (self.port says which)."""
+        self.process, self.port = start_server(self._process, self.port, timeout)
         return self
 
     def stop(self) -> None:
-        self.process.stop()
+        if self.process is not None:
+            self.process.stop()
 
 
 @dataclass

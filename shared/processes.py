@@ -12,11 +12,13 @@ signalled.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import RestnetError
@@ -39,6 +41,30 @@ def flower_env(extra: dict) -> dict:
     env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+class PortTaken(RestnetError):
+    """A server process found its port taken (another process bound it after `free_port` chose it)."""
+
+
+_ADDRESS_IN_USE = re.compile(r"address already in use|errno 98", re.IGNORECASE)
+
+
+def start_server(make: Callable[[int], "ManagedProcess"], port: int | None, timeout: float = 60.0,
+                 attempts: int = 3) -> tuple["ManagedProcess", int]:
+    """Start the process `make(port)` builds and wait until it serves `port`. Without a given port it takes a free
+    one, and another if that one was taken before the process could bind it (free_port() can only release it)."""
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        process = make(chosen)
+        process.start()
+        try:
+            process.wait_ready(chosen, timeout)
+            return process, chosen
+        except PortTaken:
+            if port is not None or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def free_port(host: str = HOST) -> int:
@@ -137,13 +163,15 @@ class ManagedProcess:
                                          env=flower_env(self.env), start_new_session=True)
 
     def wait_ready(self, port: int, timeout: float = 60.0) -> None:
-        """Wait until `port` accepts connections; if the process dies or times out, stop it and raise."""
+        """Wait until `port` accepts connections; if the process dies or times out, stop it and raise (PortTaken
+        when it could not bind the port)."""
         deadline = time.monotonic() + timeout
-        while not port_open(HOST, port):
+        while not (port_open(HOST, port) and self.running):
             if not self.running or time.monotonic() > deadline:
                 tail = self.log_tail()
                 self.stop()
-                raise RestnetError(f"{self.name} did not come up on port {port}:\n{tail}")
+                error = PortTaken if _ADDRESS_IN_USE.search(tail) else RestnetError
+                raise error(f"{self.name} did not come up on port {port}:\n{tail}")
             time.sleep(0.2)
 
     def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from shared.catalog import Catalog, VariantRecord
 from shared.config import BrokerConfig, DeviceConfig, FleetConfig
+from shared.errors import ConfigError
 from shared.messages import Profile
 
 MIB = 1 << 20
@@ -44,12 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0, alive: subprocess.Popen | None = None) -> None:
+    """Until something listens on `port` (and, given `alive`, that process still runs: a server that could not
+    bind exits at once, while whoever took the port answers)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (alive is None or alive.poll() is None):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                if alive is None or alive.poll() is None:
+                    return
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listens on port {port}")
@@ -172,24 +176,34 @@ class Mosquitto:
     """A real Mosquitto on a free port with the password file, ACL and config `restnet acl` generates."""
 
     def __init__(self, folder: Path, fleet: FleetConfig, tls: tuple[str, str] | None = None):
-        from server.mqtt_acl import write_broker_files
-
-        self.port = free_port()
-        self.folder = folder
-        self.tls = tls
-        self.paths = write_broker_files(fleet, folder, self.port, tls=tls, run_as=getpass.getuser())
+        self.fleet, self.folder, self.tls = fleet, folder, tls
+        self.port = 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
-    def start(self) -> "Mosquitto":
-        self.log = open(self.folder / "mosquitto.log", "ab")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.paths["conf"])], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        wait_port(self.port)
-        return self
+    def start(self, attempts: int = 3) -> "Mosquitto":
+        """On a free port; on another when that one was taken before Mosquitto could bind it."""
+        from server.mqtt_acl import write_broker_files
+
+        keep = self.port  # a restart keeps its port
+        for attempt in range(1, attempts + 1):
+            self.port = keep or free_port()
+            self.paths = write_broker_files(self.fleet, self.folder, self.port, tls=self.tls,
+                                            run_as=getpass.getuser())
+            self.log = open(self.folder / "mosquitto.log", "ab")
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.paths["conf"])], stdout=self.log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_port(self.port, alive=self.proc)
+                return self
+            except TimeoutError:
+                self.stop()
+                if keep or attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -270,8 +284,17 @@ def fleet_coordinator():
 
     started = []
 
-    def start(fleet: FleetConfig, catalog: Catalog):
-        c = Coordinator(fleet, catalog).start()
+    def start(fleet: FleetConfig, catalog: Catalog, attempts: int = 3):
+        """An embedded broker whose free port was taken meanwhile moves to another: `fleet.broker.url` is
+        updated in place, so agents started from the same config find it."""
+        for attempt in range(1, attempts + 1):
+            try:
+                c = Coordinator(fleet, catalog).start()
+                break
+            except ConfigError as exc:
+                if "embedded broker" not in str(exc) or attempt == attempts:
+                    raise
+                fleet.broker.url = f"embedded://127.0.0.1:{free_port()}"
         started.append(c)
         return c
 

@@ -17,7 +17,8 @@ from shared.messages import Profile
 from tests.conftest import tiny_config_dict
 from tests.fleet_helpers import assert_assignment_ok
 
-pytestmark = pytest.mark.slow
+# Real Flower processes: minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def demo_config(tmp_path: Path) -> dict:

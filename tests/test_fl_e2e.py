@@ -26,6 +26,7 @@ from shared.updates import encode_delta
 from shared.vocabulary import INT8
 
 DATA = DataConfig(dataset="digits", image_size=32, channels=1)
+pytestmark = pytest.mark.timeout(900)  # real Flower processes: minutes on a loaded 2-core machine
 
 
 def _events(out) -> list[dict]:

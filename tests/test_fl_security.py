@@ -29,6 +29,8 @@ from shared.flower_link import INSECURE, LinkSecurity
 from shared.node_data import NodeData
 from shared.signing import generate_key, load_signer
 
+pytestmark = pytest.mark.timeout(900)  # real Flower processes: minutes on a loaded 2-core machine
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = DataConfig(dataset="digits", image_size=32, channels=1)
 
