@@ -86,11 +86,12 @@ def fetch_blob(url: str, sha256: str, size: int, store: BlobStore, partial_dir: 
                 if resp.status == 200:  # the server sent everything: start over
                     have = 0
                 with open(part, "ab" if have else "wb") as fh:
-                    while chunk := resp.read(CHUNK):
+                    while chunk := resp.read1(CHUNK):  # what has arrived: a cut or a kill loses nothing received
                         have += len(chunk)
                         if have > size:
                             break
                         fh.write(chunk)
+                        fh.flush()
         except urllib.error.HTTPError as exc:
             if exc.code == 416:  # our partial file is not a prefix of theirs
                 part.unlink(missing_ok=True)

@@ -257,14 +257,13 @@ def _plain(kind: str, payload: bytes) -> dict:
 
 
 def _parse(payload: bytes):
-    """JSON as the protocol defines it: UTF-8 without a byte-order mark, no key twice in an object (readers that
-    keep the first and readers that keep the last would see different messages), no NaN or Infinity (not JSON)."""
+    """JSON as the protocol defines it: UTF-8 without a byte-order mark (the JSON parser refuses one), no key twice
+    in an object (readers that keep the first and readers that keep the last would see different messages), no NaN
+    or Infinity (not JSON)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise MessageError("malformed_json", "payload is not UTF-8") from None
-    if text.startswith("\ufeff"):
-        raise MessageError("malformed_json", "payload starts with a byte-order mark")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:

@@ -57,8 +57,8 @@ def start_server(make: Callable[[int], "ManagedProcess"], port: int | None, time
     for attempt in range(1, attempts + 1):
         chosen = port or free_port()
         process = make(chosen)
-        process.start()
         try:
+            process.start()
             process.wait_ready(chosen, timeout)
             return process, chosen
         except PortTaken:
@@ -156,7 +156,7 @@ class ManagedProcess:
     def start(self) -> None:
         for port in self.ports:
             if not port_free(HOST, port):
-                raise RestnetError(f"{self.name}: port {port} is in use", "stop what holds it or pick another port")
+                raise PortTaken(f"{self.name}: port {port} is in use", "stop what holds it or pick another port")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

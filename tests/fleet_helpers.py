@@ -12,7 +12,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import pytest
 from shared.catalog import Catalog, VariantRecord
 from shared.config import BrokerConfig, DeviceConfig, FleetConfig
 from shared.errors import ConfigError
-from shared.messages import Profile
+from shared.messages import TOPIC_ROOT, Enroll, Profile, decode_desired, encode, topic
+from shared.mqtt import make_client
 
 MIB = 1 << 20
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -188,11 +191,12 @@ class Mosquitto:
         """On a free port; on another when that one was taken before Mosquitto could bind it."""
         from server.mqtt_acl import write_broker_files
 
-        keep = self.port  # a restart keeps its port
+        keep = self.port  # a restart keeps its port and its files (a test may have added logins to them)
         for attempt in range(1, attempts + 1):
-            self.port = keep or free_port()
-            self.paths = write_broker_files(self.fleet, self.folder, self.port, tls=self.tls,
-                                            run_as=getpass.getuser())
+            if not keep:
+                self.port = free_port()
+                self.paths = write_broker_files(self.fleet, self.folder, self.port, tls=self.tls,
+                                                run_as=getpass.getuser())
             self.log = open(self.folder / "mosquitto.log", "ab")
             self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.paths["conf"])], stdout=self.log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -324,9 +328,6 @@ class RawClient:
     def __init__(self, url: str, client_id: str, username: str | None = None, password: str | None = None,
                  ca_file: str | None = None):
         import queue
-        import threading
-
-        from shared.mqtt import make_client
 
         self.client, self.address = make_client(BrokerConfig(url=url, ca_file=ca_file), client_id, username, password,
                                                 clean_session=True)
@@ -445,3 +446,77 @@ def request_count(registry, device_id: str) -> int:
     """Request ids the registry remembers for a device (0 without a row)."""
     row = registry.device(device_id)
     return len(row.requests) if row else 0
+
+
+# ---- many devices over a few connections ---------------------------------------------------------------------
+
+BUDGETS = [Profile(20, 1.0, None, agent_version="t"), Profile(50, 0.5, 20.0, agent_version="t"),
+           Profile(200, 2.0, 10.0, agent_version="t"), Profile(10, 1.0, None, agent_version="t")]  # last: refused
+
+
+def allow_loadgen(broker: Mosquitto, password: str, clients: int = 4) -> None:
+    """Logins `loadgen-0..` that may enroll as any device and read any desired state: many simulated devices over
+    a few connections (a real device may touch only its own topics)."""
+    from server.mqtt_acl import password_hash
+
+    with open(broker.paths["passwd"], "a") as fh:
+        fh.writelines(f"loadgen-{i}:{password_hash(password)}\n" for i in range(clients))
+    with open(broker.paths["acl"], "a") as fh:
+        fh.writelines(f"user loadgen-{i}\ntopic write fleet/v1/dev/+/enroll\ntopic read fleet/v1/dev/+/desired\n"
+                      for i in range(clients))
+    broker.proc.send_signal(signal.SIGHUP)  # Mosquitto reloads its password file and ACL
+
+
+class SimulatedDevices:
+    """Many devices over a few connections: enroll, re-send until answered, record every desired state."""
+
+    def __init__(self, url: str, password: str, publishers: int = 3):
+        self.lock = threading.Lock()
+        self.current: dict[str, tuple[str, Profile]] = {}  # device -> (request id, profile) it waits an answer for
+        self.profiles: dict[tuple[str, str], Profile] = {}  # (device, request id) -> profile sent
+        self.answered: set[str] = set()
+        self.received = defaultdict(list)  # device -> every Desired that arrived, in arrival order
+        self.clients = []
+        subscribed = threading.Event()
+        for i in range(publishers + 1):
+            client, address = make_client(BrokerConfig(url=url), f"loadgen-{i}", f"loadgen-{i}", password, True)
+            client.reconnect_delay_set(0.2, 2)
+            if i == publishers:  # the listener: subscribes on every (re)connection, e.g. after a broker restart
+                client.on_message = self._on_message
+                client.on_connect = lambda c, *args: c.subscribe(f"{TOPIC_ROOT}/dev/+/desired", qos=1)
+                client.on_subscribe = lambda *args: subscribed.set()
+            client.connect(address.host, address.port, keepalive=60)
+            client.loop_start()
+            self.clients.append(client)
+        assert subscribed.wait(10)
+
+    def _on_message(self, client, userdata, msg):
+        device_id = msg.topic.split("/")[3]
+        desired = decode_desired(device_id, msg.payload)
+        with self.lock:
+            self.received[device_id].append(desired)
+            if device_id in self.current and desired.request_id == self.current[device_id][0]:
+                self.answered.add(device_id)
+
+    def enroll(self, device_id: str, request_id: str, profile: Profile) -> None:
+        with self.lock:
+            self.current[device_id] = (request_id, profile)
+            self.profiles[(device_id, request_id)] = profile
+            self.answered.discard(device_id)
+        self._send(device_id, request_id, profile)
+
+    def _send(self, device_id: str, request_id: str, profile: Profile) -> None:
+        client = self.clients[hash(device_id) % (len(self.clients) - 1)]
+        client.publish(topic(device_id, "enroll"), encode(Enroll(device_id, request_id, profile)), qos=1)
+
+    def resend_unanswered(self) -> int:
+        with self.lock:
+            pending = [(d, *self.current[d]) for d in self.current if d not in self.answered]
+        for args in pending:
+            self._send(*args)
+        return len(pending)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.disconnect()
+            client.loop_stop()

@@ -1,6 +1,8 @@
 """Flower with TLS and SuperNode authentication, on real processes: a SuperLink over TLS that admits registered
 SuperNodes only (`--enable-supernode-auth`), keys made and registered by our own code. A registered node trains;
-a node with an unknown key is refused and the round completes without it; plaintext clients cannot connect."""
+a node with an unknown key is refused and the round completes without it; a node over TLS without a key may not
+register itself (what `--enable-supernode-auth` forbids: Flower 1.41 lets key-less nodes self-register otherwise,
+while a node holding a key only ever activates a registered one); plaintext clients cannot connect."""
 from __future__ import annotations
 
 import json
@@ -55,7 +57,7 @@ def test_only_registered_supernodes_over_tls_take_part(tiny_catalog, tls_dir, tm
     security = link.security
     assert security == LinkSecurity(str((tls_dir / "ca.crt").resolve()))
     vid = tiny_catalog.variants[0].id
-    devices = {name: tmp_path / name for name in ("member", "stranger", "plaintext")}
+    devices = {name: tmp_path / name for name in ("member", "stranger", "keyless", "plaintext")}
     nodes = []
     try:
         for i, (name, d) in enumerate(devices.items()):
@@ -63,6 +65,9 @@ def test_only_registered_supernodes_over_tls_take_part(tiny_catalog, tls_dir, tm
             data = NodeData(d, DATA, i, len(devices), PartitionConfig())
             if name == "plaintext":
                 nodes.append(SuperNode(data, link.address, INSECURE))
+                continue
+            if name == "keyless":
+                nodes.append(SuperNode(data, link.address, security))
                 continue
             key = d / "supernode-key"
             public = generate_supernode_key(key)
@@ -90,8 +95,9 @@ def test_only_registered_supernodes_over_tls_take_part(tiny_catalog, tls_dir, tm
     (round_1,) = results["rounds"]
     assert (round_1["num_nodes"], round_1["num_updates"], round_1["dropped"]) == (1, 1, 0)
     assert [e["round"] for e in history(devices["member"])] == [1]  # the registered node trained
-    assert history(devices["stranger"]) == [] and history(devices["plaintext"]) == []  # the others never did
+    assert all(history(devices[name]) == [] for name in ("stranger", "keyless", "plaintext"))  # the others never did
     assert "Failed to activate SuperNode" in (devices["stranger"] / "supernode.log").read_text()  # refused
+    assert '"POST /v1/fleet/register-node HTTP/1.1" 412' in (tmp_path / "flower" / "superlink.log").read_text()
 
 
 @pytest.mark.slow

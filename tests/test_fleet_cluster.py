@@ -18,72 +18,16 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 
-from fleet_helpers import (_synthetic_catalog_template, assert_assignment_ok, fleet_config,  # noqa: F401
-                           free_port, http, mosquitto_broker, synthetic_catalog, wait_until, write_config)
+from fleet_helpers import (BUDGETS, SimulatedDevices, _synthetic_catalog_template, allow_loadgen,  # noqa: F401
+                           assert_assignment_ok, fleet_config, free_port, http, mosquitto_broker, synthetic_catalog,
+                           wait_until, write_config)
 
-from server.mqtt_acl import password_hash
 from server.registry import open_registry
 from shared.config import BrokerConfig, ClusterConfig
-from shared.messages import TOPIC_ROOT, Enroll, Profile, decode_desired, encode, topic
+from shared.messages import TOPIC_ROOT
 from shared.mqtt import make_client
 
-COORDINATORS, N, PUBLISHERS = 3, 200, 3
-BUDGETS = [Profile(20, 1.0, None, agent_version="t"), Profile(50, 0.5, 20.0, agent_version="t"),
-           Profile(200, 2.0, 10.0, agent_version="t"), Profile(10, 1.0, None, agent_version="t")]  # last: refused
-
-
-class SimulatedDevices:
-    """Many devices over a few connections: enroll, re-send until answered, record every desired state."""
-
-    def __init__(self, url: str, password: str):
-        self.lock = threading.Lock()
-        self.current: dict[str, tuple[str, Profile]] = {}  # device -> (request id, profile) it waits an answer for
-        self.profiles: dict[tuple[str, str], Profile] = {}  # (device, request id) -> profile sent
-        self.answered: set[str] = set()
-        self.received = defaultdict(list)  # device -> every Desired that arrived, in arrival order
-        self.clients = []
-        for i in range(PUBLISHERS + 1):
-            client, address = make_client(BrokerConfig(url=url), f"loadgen-{i}", f"loadgen-{i}", password, True)
-            client.connect(address.host, address.port, keepalive=60)
-            client.loop_start()
-            self.clients.append(client)
-        subscribed = threading.Event()
-        listener = self.clients[-1]
-        listener.on_message = self._on_message
-        listener.on_subscribe = lambda *args: subscribed.set()
-        listener.subscribe(f"{TOPIC_ROOT}/dev/+/desired", qos=1)
-        assert subscribed.wait(10)
-
-    def _on_message(self, client, userdata, msg):
-        device_id = msg.topic.split("/")[3]
-        desired = decode_desired(device_id, msg.payload)
-        with self.lock:
-            self.received[device_id].append(desired)
-            if device_id in self.current and desired.request_id == self.current[device_id][0]:
-                self.answered.add(device_id)
-
-    def enroll(self, device_id: str, request_id: str, profile: Profile) -> None:
-        with self.lock:
-            self.current[device_id] = (request_id, profile)
-            self.profiles[(device_id, request_id)] = profile
-            self.answered.discard(device_id)
-        self._send(device_id, request_id, profile)
-
-    def _send(self, device_id: str, request_id: str, profile: Profile) -> None:
-        client = self.clients[hash(device_id) % PUBLISHERS]
-        client.publish(topic(device_id, "enroll"), encode(Enroll(device_id, request_id, profile)), qos=1)
-
-    def resend_unanswered(self) -> int:
-        with self.lock:
-            pending = [(d, *self.current[d]) for d in self.current if d not in self.answered]
-        for args in pending:
-            self._send(*args)
-        return len(pending)
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.disconnect()
-            client.loop_stop()
+COORDINATORS, N = 3, 200
 
 
 def start_coordinator(config, instance: int, catalog_root, log):
@@ -113,12 +57,7 @@ def test_three_coordinators_serve_200_devices_while_one_is_killed(tmp_path, post
     cluster = ClusterConfig(coordinators=COORDINATORS, share_group="coordinators", session_expiry_s=2)
     fleet = fleet_config(tmp_path, "mqtt://unused", registry=registry_url, cluster=cluster, devices=[])
     broker = mosquitto_broker(fleet)  # the ACL of `restnet acl`: one login per coordinator
-    with open(broker.paths["passwd"], "a") as fh:
-        fh.writelines(f"loadgen-{i}:{password_hash('loadgen-pw')}\n" for i in range(PUBLISHERS + 1))
-    with open(broker.paths["acl"], "a") as fh:
-        fh.writelines(f"user loadgen-{i}\ntopic write fleet/v1/dev/+/enroll\ntopic read fleet/v1/dev/+/desired\n"
-                      for i in range(PUBLISHERS + 1))
-    broker.proc.send_signal(signal.SIGHUP)  # Mosquitto reloads its password file and ACL
+    allow_loadgen(broker, "loadgen-pw")
     fleet = replace(fleet, broker=replace(fleet.broker, url=broker.url))
     ports = [free_port() for _ in range(COORDINATORS)]
     log = open(tmp_path / "coordinators.log", "ab")

@@ -255,6 +255,19 @@ def test_a_version_another_writer_publishes_reaches_the_devices(tmp_path, embedd
     assert metric(coordinator, "fleet_variant_accuracy", variant=vid) == 0.88
 
 
+def test_every_request_gets_a_status_even_when_the_coordinator_fails(tmp_path, embedded_broker_url,
+                                                                    synthetic_catalog, fleet_coordinator, monkeypatch):
+    coordinator = fleet_coordinator(fleet_config(tmp_path, embedded_broker_url), synthetic_catalog)
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(coordinator.registry, "snapshot", broken)
+    status, body, _ = http(coordinator.public_url + "/api/devices")
+    assert status == 500 and json.loads(body) == {"error": "internal error"}  # not a connection closed silently
+    assert http(coordinator.public_url + "/api/catalog")[0] == 200  # and the server goes on
+
+
 def test_fl_reports_feed_metrics_once(tmp_path, embedded_broker_url, synthetic_catalog, fleet_coordinator):
     coordinator = fleet_coordinator(fleet_config(tmp_path, embedded_broker_url), synthetic_catalog)
     url = coordinator.public_url + "/api/fl/report"

@@ -136,3 +136,30 @@ def test_an_exited_but_unreaped_child_counts_as_gone():
         assert child.pid not in process_table()
     finally:
         child.wait()
+
+
+def test_a_server_whose_free_port_was_taken_meanwhile_moves_to_another(tmp_path, monkeypatch):
+    """free_port() can only release the port it found: another process may bind it before ours does."""
+    import socket
+
+    from shared import processes
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    offered = iter([taken, processes.free_port()])
+    monkeypatch.setattr(processes, "free_port", lambda: next(offered))
+
+    def http_server(port: int) -> ManagedProcess:
+        return ManagedProcess("http", [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              tmp_path / f"http-{port}.log", ports=(port,))
+
+    try:
+        process, port = processes.start_server(http_server, None, timeout=30)
+        assert port != taken and process.running
+        process.stop()
+        with pytest.raises(processes.PortTaken):  # a port the caller chose is not changed behind its back
+            processes.start_server(http_server, taken, timeout=30)
+    finally:
+        squatter.close()
