@@ -122,7 +122,7 @@ def cmd_cka(args) -> int:
     bases = prepare_bases(cfg, train, val, out, not args.quiet, log)
     ba, bb = bases["large"][1], bases["small"][1]
     batches = calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats, cfg.data.seed)
-    cal = calibrate(ba, bb, batches, cfg.data.calibration.batch_size)
+    cal = calibrate(ba, bb, batches, cfg.data.calibration.batch_size, cfg.data.calibration.estimator)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"rows": ba.block_names[:-1], "cols": bb.block_names[:-1],
            "matrix": [[None if not np.isfinite(v) else float(v) for v in row] for row in cal.cka]}
