@@ -45,6 +45,8 @@ TRAINABLE_PARTS = {
     "full": ("front", "stitch", "behind"),
 }
 STRATEGIES = tuple(TRAINABLE_PARTS)
+# `restnet experiment NAME`: the paper's Table III, Table IV, Fig. 4 and Fig. 5 (`shared.experiments`)
+EXPERIMENTS = ("directions", "strategies", "cka-vs-accuracy", "heatmaps")
 
 # ---- federated fine-tuning ------------------------------------------------------------------------------------
 
