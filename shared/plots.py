@@ -36,8 +36,9 @@ def plot_cka(cka: np.ndarray, front_blocks: list[str], behind_blocks: list[str],
 
 
 def plot_frontier(variants: list[dict], bases: list[dict], path: Path, highlight: set[str] = frozenset(),
-                  title: str = "") -> Path:
-    """Accuracy versus parameters: every catalog variant, the base models, assigned variants highlighted."""
+                  title: str = "", after: dict[str, float] | None = None) -> Path:
+    """Accuracy versus parameters: every catalog variant, the base models, assigned variants highlighted, and
+    (`after`) variants' accuracy after federated rounds, by id."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     vs = sorted(variants, key=lambda v: v["params"])
     xs = [v["params"] / 1e6 for v in vs]
@@ -54,6 +55,10 @@ def plot_frontier(variants: list[dict], bases: list[dict], path: Path, highlight
             ax.scatter([b["params"] / 1e6], [100 * b["accuracy"]], marker="*", s=160, label=f"base {b['name']}")
     if highlight:
         ax.scatter([], [], s=160, facecolors="none", edgecolors="tab:red", label="assigned to devices")
+    if after:
+        known = [v for v in vs if v["id"] in after]
+        ax.scatter([v["params"] / 1e6 for v in known], [100 * after[v["id"]] for v in known], marker="^", s=60,
+                   color="tab:green", zorder=3, label="after federated rounds")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
