@@ -2,6 +2,7 @@
 the experiments' figures (directions, strategies, CKA against accuracy, CKA heatmaps side by side)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -86,7 +87,7 @@ def _acc_bars(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     mean = np.array([100 * r["accuracy"]["mean"] for r in rows])
     err = np.array([[100 * (r["accuracy"]["mean"] - r["accuracy"]["min"]) for r in rows],
                     [100 * (r["accuracy"]["max"] - r["accuracy"]["mean"]) for r in rows]])
-    return mean, err
+    return mean, np.clip(err, 0.0, None)  # equal values: a mean a rounding error off its min or max
 
 
 def plot_directions(result: dict, path: Path) -> Path:
@@ -120,7 +121,7 @@ def plot_strategies(result: dict, strategies: tuple[str, ...], path: Path) -> Pa
                label=strategy)
     lows = [100 * r["accuracy"]["min"] for r in result["rows"]]
     ax.set_ylim(max(0.0, min(lows) - 3), 100)
-    ax.set_xticks(range(len(variants)), [v.replace("_", "\n", 1) for v in variants], fontsize=7)
+    ax.set_xticks(range(len(variants)), [re.sub(r"(\.\d+)_", "\\1\n", v, count=1) for v in variants], fontsize=7)
     ax.set_ylabel(f"validation accuracy (%), {len(result['seeds'])} seeds")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, ncol=2)

@@ -13,7 +13,8 @@ def format_table(headers: list[str], rows: list[list], align_right: set[int] | N
         i for i in range(len(headers)) if cells and all(_numeric(r[i]) for r in cells)}
 
     def line(values):
-        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
