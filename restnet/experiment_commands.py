@@ -167,14 +167,28 @@ def report_cka_vs_accuracy(r: dict) -> str:
     lines.append(markdown_table(["cut pair", "CKA (unbiased)", "CKA (paper)", "params", "LS init (%)",
                                  "after stitch-only fine-tuning (%)"], rows))
     c = r["correlation"]
-    lines += ["", markdown_table(["against accuracy", "Spearman", "Pearson"],
-                                 [[k, _fmt(v["spearman"], ".2f"), _fmt(v["pearson"], ".2f")] for k, v in c.items()])]
+    lines += ["", markdown_table(["correlation", "Spearman", "Pearson"],
+                                 [[_correlation_label(k), _fmt(v["spearman"], ".2f"), _fmt(v["pearson"], ".2f")]
+                                  for k, v in c.items()])]
     lines += ["", f"Stitch points chosen per budget band (Algorithm 1): the two estimators agree on "
-                  f"{r['summary']['same_stitch_points']} of {r['summary']['budgets']} bands.", ""]
+                  f"{r['summary']['same_stitch_points']} of {r['summary']['budgets']} bands ((a, b): front block a's "
+                  f"output into behind block b + 1).", ""]
     lines.append(markdown_table(["budget (params)", "unbiased picks (a, b)", "paper picks (a, b)", "same"],
                                 [[f"{p['budget'] / 1e6:.3f}M", p["unbiased"], p["paper"], "yes" if p["same"] else "no"]
                                  for p in r["stitch_points"]]))
     return "\n".join(lines)
+
+
+def _correlation_label(key: str) -> str:
+    """`shared.experiments.correlations`' keys in words."""
+    if key == "params":
+        return "params vs accuracy after fine-tuning"
+    estimator, _, condition = key.partition(", ")
+    if condition == "least-squares fit only":
+        return f"CKA ({estimator}) vs accuracy of the least-squares fit, before fine-tuning"
+    if condition == "given params":
+        return f"CKA ({estimator}) vs accuracy after fine-tuning, params partialled out"
+    return f"CKA ({estimator}) vs accuracy after fine-tuning"
 
 
 def report_heatmaps(r: dict) -> str:

@@ -279,13 +279,7 @@ def cka_vs_accuracy(s: Setup, seeds: list[int], points: int = 12, budget_count: 
                leave=False, unit="run")
     rows = [d.run(a, b, seeds, bar=bar) for a, b in pairs]
     bar.close()
-    acc = [r["accuracy"]["mean"] for r in rows]
-    correlation = {}
-    for est, key in (("unbiased", "cka"), ("paper", "cka_paper")):
-        xs = [r[key] for r in rows]
-        correlation[est] = {"spearman": spearman(xs, acc), "pearson": pearson(xs, acc)}
-    correlation["params"] = {"spearman": spearman([r["params"] for r in rows], acc),
-                             "pearson": pearson([r["params"] for r in rows], acc)}
+    correlation = correlations(rows)
     budgets = budgets_of(s, budget_count)
     picks = {est: dict((tuple(p), bands) for p, bands in d.sweep(budgets, est)) for est in CKA_ESTIMATORS}
     per_budget = []
@@ -298,6 +292,31 @@ def cka_vs_accuracy(s: Setup, seeds: list[int], points: int = 12, budget_count: 
             "summary": {"points": len(rows), "spearman_unbiased": correlation["unbiased"]["spearman"],
                         "spearman_paper": correlation["paper"]["spearman"],
                         "same_stitch_points": sum(p["same"] for p in per_budget), "budgets": len(budgets)}}
+
+
+def correlations(rows: list[dict]) -> dict:
+    """How CKA (each estimator) and size go with accuracy after fine-tuning; with the least-squares fit's accuracy;
+    and CKA's rank correlation once size is accounted for (partial Spearman given params)."""
+    acc = [r["accuracy"]["mean"] for r in rows]
+    init = [r["accuracy_init"] for r in rows]
+    params = [r["params"] for r in rows]
+    out = {}
+    for est, key in (("unbiased", "cka"), ("paper", "cka_paper")):
+        xs = [r[key] for r in rows]
+        out[est] = {"spearman": spearman(xs, acc), "pearson": pearson(xs, acc)}
+        out[f"{est}, least-squares fit only"] = {"spearman": spearman(xs, init), "pearson": pearson(xs, init)}
+        out[f"{est}, given params"] = {"spearman": partial_spearman(xs, acc, params), "pearson": None}
+    out["params"] = {"spearman": spearman(params, acc), "pearson": pearson(params, acc)}
+    return out
+
+
+def partial_spearman(x, y, z) -> float | None:
+    """Rank correlation of x and y with z's linear share removed from both ranks."""
+    if len(x) < 4:
+        return None
+    rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
+    res = [r - np.polyval(np.polyfit(rz, r, 1), rz) for r in (rx, ry)]
+    return pearson(list(res[0]), list(res[1]))
 
 
 def _self_cka(acts: list[list[torch.Tensor]], estimator: str) -> np.ndarray:
@@ -319,11 +338,13 @@ def _stitched_outputs(model: StitchedModel, x: torch.Tensor) -> list[torch.Tenso
 
 def heatmaps(s: Setup, seeds: list[int], budget_count: int = 8, estimator: str = "unbiased",
              progress: bool = True) -> dict:
-    """Fig. 5: CKA between the two models, each model against itself, and a stitched variant (the middle one of
-    the Slow-to-Fast catalog, fine-tuned stitch-only with the first seed) against itself."""
+    """Fig. 5: CKA between the two models, each model against itself, and a stitched variant against itself: the
+    Slow-to-Fast catalog's variant that keeps the most blocks of both models (the largest min of the two counts),
+    fine-tuned stitch-only with the first seed."""
     d = s.direction("slow_to_fast")
     chosen = [pair for pair, _ in d.sweep(budgets_of(s, budget_count))]
-    a, b = chosen[len(chosen) // 2]
+    behind_blocks = len(d.b_specs)
+    a, b = max(chosen, key=lambda p: min(p[0] + 1, behind_blocks - p[1] - 1))
     model = d.model(a, b, d.least_squares(a, b), own_blocks=False)
     finetune(model, s.train, s.cfg.catalog.finetune, "stitch", progress=progress, seed=seeds[0])
     stitched = [_stitched_outputs(model, x) for x in s.images]

@@ -134,12 +134,15 @@ def plot_cka_accuracy(result: dict, path: Path) -> Path:
     rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110, sharey=True)
     mean, err = _acc_bars(rows)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for ax, (estimator, key) in zip(axes, (("unbiased", "cka"), ("paper", "cka_paper"))):
-        ax.errorbar([r[key] for r in rows], mean, yerr=err, fmt="o", capsize=3)
-        c = result["correlation"][estimator]
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        ax.set_title(f"CKA estimator: {estimator} (Spearman {fmt(c['spearman'])}, Pearson {fmt(c['pearson'])})",
-                     fontsize=9)
+        c, c0 = result["correlation"][estimator], result["correlation"][f"{estimator}, least-squares fit only"]
+        ax.errorbar([r[key] for r in rows], mean, yerr=err, fmt="o", capsize=3,
+                    label=f"after stitch-only fine-tuning (Spearman {fmt(c['spearman'])})")
+        ax.scatter([r[key] for r in rows], [100 * r["accuracy_init"] for r in rows], facecolors="none",
+                   edgecolors="tab:gray", label=f"least-squares fit only (Spearman {fmt(c0['spearman'])})")
+        ax.set_title(f"CKA estimator: {estimator} (after fine-tuning: Pearson {fmt(c['pearson'])})", fontsize=9)
+        ax.legend(fontsize=7)
         ax.set_xlabel("CKA of the stitched block pair")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"validation accuracy (%), {len(result['seeds'])} seeds, {result['val_examples']} examples")
