@@ -85,11 +85,13 @@ class Direction:
         cfg = self.s.cfg
         return getattr(cfg, self.front_role).name, getattr(cfg, self.behind_role).name
 
-    def sweep(self, budgets: list[float], estimator: str = "unbiased") -> list[tuple[tuple[int, int], list[float]]]:
-        """The catalog's selection (Algorithm 1 per budget band, from the smaller base model's size), by params."""
+    def sweep(self, budgets: list[float], estimator: str | None = None) -> list[tuple[tuple[int, int], list[float]]]:
+        """The catalog's selection (Algorithm 1 per budget band, from the smaller base model's size), by params,
+        with the config's CKA estimator unless another is named."""
         floor = min(C.count_params(self.s.models[r][0]) for r in ("large", "small"))
         try:
-            chosen = sweep(self.cka[estimator], self.costs.params, budgets, floor)
+            chosen = sweep(self.cka[estimator or self.s.cfg.data.calibration.estimator], self.costs.params, budgets,
+                           floor)
         except BudgetError:  # no pair in any band: a result here, not an error
             return []
         return sorted(chosen.items(), key=lambda kv: self.costs.params[kv[0]])
@@ -336,12 +338,12 @@ def _stitched_outputs(model: StitchedModel, x: torch.Tensor) -> list[torch.Tenso
     return outs
 
 
-def heatmaps(s: Setup, seeds: list[int], budget_count: int = 8, estimator: str = "unbiased",
-             progress: bool = True) -> dict:
+def heatmaps(s: Setup, seeds: list[int], budget_count: int = 8, progress: bool = True) -> dict:
     """Fig. 5: CKA between the two models, each model against itself, and a stitched variant against itself: the
     Slow-to-Fast catalog's variant that keeps the most blocks of both models (the largest min of the two counts),
     fine-tuned stitch-only with the first seed."""
     d = s.direction("slow_to_fast")
+    estimator = s.cfg.data.calibration.estimator
     chosen = [pair for pair, _ in d.sweep(budgets_of(s, budget_count))]
     behind_blocks = len(d.b_specs)
     a, b = max(chosen, key=lambda p: min(p[0] + 1, behind_blocks - p[1] - 1))

@@ -154,7 +154,8 @@ def test_paper_estimator_is_the_mean_over_repeats_of_each_batchs_biased_cka():
 def test_paper_estimator_is_biased_upwards_on_independent_features():
     """Independent wide features, few examples: the unbiased CKA is near 0, the paper's well above it."""
     g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(12, 300, generator=g, dtype=torch.float64), torch.randn(12, 200, generator=g, dtype=torch.float64)
+    x = torch.randn(12, 300, generator=g, dtype=torch.float64)
+    y = torch.randn(12, 200, generator=g, dtype=torch.float64)
     assert abs(linear_cka(x, y)) < 0.15
     assert linear_cka(x, y, "paper") > 0.5
 
