@@ -157,12 +157,11 @@ def run(args) -> int:
             raise RestnetError(f"devices did not install the new versions: {', '.join(a.device_id for a in late)}")
         final = Catalog.load(run_dir / "catalog")
         report = summarize(cfg, final, agents, delivered, results)
-        report["catalog"] = delivered_catalog(Catalog.load(out / "catalog-base"))
+        as_delivered = Catalog.load(out / "catalog-base")
+        report["catalog"] = delivered_catalog(as_delivered)
         print(report["table"])
-        print(f"\ncatalog as delivered: {len(report['catalog']['variants'])} variants, Spearman(params, accuracy) "
-              f"{report['catalog']['spearman']:.2f}; largest {report['catalog']['variants'][-1]['accuracy']:.2%} "
-              f"against the large base model's {report['catalog']['large_accuracy']:.2%}")
-        plots = write_plots(Catalog.load(out / "catalog-base"), report, results, out)
+        print("\n" + report["catalog"]["summary"])
+        plots = write_plots(as_delivered, report, results, out)
         print(f"\nplots: {', '.join(str(p) for p in plots)}")
         print(f"results: {out / 'demo.json'}; metrics were at {coordinator.public_url}/metrics")
         (out / "demo.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
@@ -182,7 +181,10 @@ def delivered_catalog(catalog) -> dict:
                 for v in sorted(catalog.variants, key=lambda v: v.params)]
     rho = spearman([v["params"] for v in variants], [v["accuracy"] for v in variants])
     large = max((catalog.front, catalog.behind), key=lambda m: m.params)
-    return {"variants": variants, "spearman": float("nan") if rho is None else rho, "large_accuracy": large.accuracy}
+    summary = (f"catalog as delivered: {len(variants)} variants, Spearman(params, accuracy) "
+               f"{'n/a' if rho is None else f'{rho:.2f}'}; largest {variants[-1]['accuracy']:.2%} against the large "
+               f"base model's {large.accuracy:.2%}")
+    return {"variants": variants, "spearman": rho, "large_accuracy": large.accuracy, "summary": summary}
 
 
 def summarize(cfg, catalog, agents, delivered, results) -> dict:
