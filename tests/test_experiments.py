@@ -69,13 +69,13 @@ def test_directions_compares_both_directions_at_the_same_budgets(exp, capsys):
 
 
 def test_the_second_experiment_reuses_the_cached_base_models_and_activations(exp, capsys):
-    assert run(exp, "strategies", "--variants", "2") == 0
+    assert run(exp, "strategies", "--variants", "1") == 0  # whole-model runs are the slow ones
     err = capsys.readouterr().err
     assert "reusing the base models" in err and "reusing the calibration activations" in err
     assert "training" not in err
     r = outputs(exp, "strategies")
     variants = list(dict.fromkeys(row["variant"] for row in r["rows"]))
-    assert 1 <= len(variants) <= 2
+    assert len(variants) == 1
     for vid in variants:
         rows = {row["strategy"]: row for row in r["rows"] if row["variant"] == vid}
         assert set(rows) == set(STRATEGIES)
