@@ -150,11 +150,3 @@ def cka_accumulator(estimator: str, n_a: int, n_b: int) -> CKAAccumulator:
     if estimator not in CKA_ESTIMATORS:
         raise ValueError(f"unknown CKA estimator {estimator!r}; expected one of {CKA_ESTIMATORS}")
     return (PaperCKAAccumulator if estimator == "paper" else CKAAccumulator)(n_a, n_b)
-
-
-def cka_matrix(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
-               estimator: str = "unbiased") -> np.ndarray:
-    """CKA of every block pair on one batch; NaN where undefined (use an accumulator for the reasons)."""
-    acc = cka_accumulator(estimator, len(feats_a), len(feats_b))
-    acc.update(feats_a, feats_b)
-    return acc.result()
