@@ -63,7 +63,8 @@ def _catalog_table(catalog) -> str:
                          "accuracy", "ver"], rows)
 
 
-def write_catalog_plots(catalog, out: Path, highlight: set[str] = frozenset()) -> list[Path]:
+def write_catalog_plots(catalog, out: Path, highlight: set[str] = frozenset(),
+                        after: dict[str, float] | None = None) -> list[Path]:
     from dataclasses import asdict
 
     import numpy as np
@@ -77,7 +78,7 @@ def write_catalog_plots(catalog, out: Path, highlight: set[str] = frozenset()) -
         plot_cka(matrix, cka["front_blocks"], cka["behind_blocks"], chosen, out / "cka.png",
                  f"CKA: {catalog.front.name} (front) vs {catalog.behind.name} (behind)"),
         plot_frontier([v.to_dict() for v in catalog.variants], [asdict(catalog.front), asdict(catalog.behind)],
-                      out / "frontier.png", set(highlight)),
+                      out / "frontier.png", set(highlight), after=after),
     ]
 
 
@@ -122,7 +123,7 @@ def cmd_cka(args) -> int:
     bases = prepare_bases(cfg, train, val, out, not args.quiet, log)
     ba, bb = bases["large"][1], bases["small"][1]
     batches = calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats, cfg.data.seed)
-    cal = calibrate(ba, bb, batches, cfg.data.calibration.batch_size)
+    cal = calibrate(ba, bb, batches, cfg.data.calibration.batch_size, cfg.data.calibration.estimator)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"rows": ba.block_names[:-1], "cols": bb.block_names[:-1],
            "matrix": [[None if not np.isfinite(v) else float(v) for v in row] for row in cal.cka]}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from restnet import catalog_commands, demo, device_commands, fl_commands, fleet_commands, key_commands
+from restnet import (catalog_commands, demo, device_commands, experiment_commands, fl_commands, fleet_commands,
+                     key_commands)
 from shared.errors import RestnetError
 
 
@@ -14,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="ReStNet Fleet: stitch two pre-trained models into a CKA-ranked catalog of variants, "
                     "assign them to devices by budget over MQTT, and fine-tune their stitching layers with Flower.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for commands in (catalog_commands, fleet_commands, device_commands, fl_commands, key_commands, demo):
+    for commands in (catalog_commands, experiment_commands, fleet_commands, device_commands, fl_commands,
+                     key_commands, demo):
         commands.add_parsers(sub)
     return p
 

@@ -1,18 +1,24 @@
 """`restnet demo`: the whole product on one machine, offline, with real processes.
 
 1. Catalog: two small CNNs trained on the digits data and stitched (built once, then reused while the config
-   is unchanged); stitching layers are delivered as initialised from the operator's calibration data.
+   is unchanged); each stitching layer is fitted by least squares, then fine-tuned on the operator's training
+   split (Algorithm 2) before delivery, so the catalog rises with size as delivered.
 2. Coordinator: embedded MQTT broker, SQLite registry, artifact HTTP, /metrics and the status page.
 3. Fleet: simulated devices enroll with their budgets, download and verify their variants; each installed
    device starts its own Flower SuperNode with its share of the data.
 4. Federated rounds on a real SuperLink; the coordinator versions each improved stitching layer and pushes it
    to the devices that run it.
 5. A table and plots of what happened; every process started is stopped (Ctrl-C too).
+
+Float reductions depend on the number of threads, so the same run on a 1-core and a 2-core machine would train
+slightly different models and could print another table. The demo runs every process with one thread
+(`THREADS`): its table is the same on any machine of the same CPU kind.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -24,6 +30,7 @@ from shared.artifacts import MANIFEST_SCHEMA
 from shared.errors import RestnetError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "fleet_configs" / "demo.yaml"
+THREADS = 1  # torch threads in the demo and every process it starts (SuperLink, SuperNodes, their apps)
 
 
 def add_parsers(subparsers) -> None:
@@ -66,9 +73,19 @@ def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool) -> None:
         say(f"reusing the catalog in {base} (built from the same settings; --rebuild to build again)")
         return
     shutil.rmtree(base, ignore_errors=True)
-    say("building the catalog: training two base models and stitching them (a few minutes on 2 cores)")
+    say("building the catalog: training two base models, stitching and fine-tuning the stitches (a few minutes)")
     build_catalog(cfg, base, progress=progress, log=say)
     stamp.write_text(digest)
+
+
+def pin_threads(count: int = THREADS) -> None:
+    """Every float reduction in the same order on any machine: `count` threads here and in our child processes
+    (they inherit the environment, and torch reads it when it starts)."""
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(count)
+    torch.set_num_threads(count)
 
 
 def run(args) -> int:
@@ -89,6 +106,7 @@ def run(args) -> int:
     out = Path(args.out)
     run_dir = out / "run"
     started = time.monotonic()
+    pin_threads()
     ensure_catalog(cfg, out / "catalog-base", args.rebuild, not args.quiet)
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(out / "catalog-base", run_dir / "catalog")
@@ -146,8 +164,11 @@ def run(args) -> int:
             raise RestnetError(f"devices did not install the new versions: {', '.join(a.device_id for a in late)}")
         final = Catalog.load(run_dir / "catalog")
         report = summarize(cfg, final, agents, delivered, results)
+        as_delivered = Catalog.load(out / "catalog-base")
+        report["catalog"] = delivered_catalog(as_delivered)
         print(report["table"])
-        plots = write_plots(final, report, results, out)
+        print("\n" + report["catalog"]["summary"])
+        plots = write_plots(as_delivered, report, results, out)
         print(f"\nplots: {', '.join(str(p) for p in plots)}")
         print(f"results: {out / 'demo.json'}; metrics were at {coordinator.public_url}/metrics")
         (out / "demo.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
@@ -157,6 +178,20 @@ def run(args) -> int:
             time.sleep(args.linger)
         say("stopping every process")
     return 0
+
+
+def delivered_catalog(catalog) -> dict:
+    """The catalog the devices were given, smallest variant first, and how its accuracy follows its size."""
+    from shared.experiments import spearman
+
+    variants = [{"id": v.id, "params": v.params, "accuracy": v.accuracy}
+                for v in sorted(catalog.variants, key=lambda v: v.params)]
+    rho = spearman([v["params"] for v in variants], [v["accuracy"] for v in variants])
+    large = max((catalog.front, catalog.behind), key=lambda m: m.params)
+    summary = (f"catalog as delivered: {len(variants)} variants, Spearman(params, accuracy) "
+               f"{'n/a' if rho is None else f'{rho:.2f}'}; largest {variants[-1]['accuracy']:.2%} against the large "
+               f"base model's {large.accuracy:.2%}")
+    return {"variants": variants, "spearman": rho, "large_accuracy": large.accuracy, "summary": summary}
 
 
 def summarize(cfg, catalog, agents, delivered, results) -> dict:
@@ -190,11 +225,14 @@ def summarize(cfg, catalog, agents, delivered, results) -> dict:
 
 
 def write_plots(catalog, report: dict, results: dict, out: Path) -> list[Path]:
+    """The catalog as delivered (its frontier, the assigned variants circled, their accuracy after the federated
+    rounds beside), the CKA matrix, and accuracy per round."""
     from restnet.catalog_commands import write_catalog_plots
     from shared.plots import plot_rounds
 
     assigned = {d["variant"] for d in report["devices"] if d["variant"]}
-    plots = write_catalog_plots(catalog, out, assigned)
+    after = {d["variant"]: d["accuracy_after"] for d in report["devices"] if d.get("accuracy_after") is not None}
+    plots = write_catalog_plots(catalog, out, assigned, after)
     history: dict[str, list[float]] = {}
     for vid, entry in results["variants"].items():
         history[vid] = [entry["accuracy_initial"]]

@@ -232,7 +232,8 @@ class Recorder:
         if self.url:
             for vid, v in sorted(variants.items()):
                 if v.improved:  # a failure here is the run's failure: the loop would stay open
-                    query = urllib.parse.urlencode({"accuracy": f"{v.best_accuracy:.6f}",
+                    # repr: every digit, so a variant tied with another stays tied (rounding would rank it below)
+                    query = urllib.parse.urlencode({"accuracy": repr(float(v.best_accuracy)),
                                                     "base_version": v.base_version})
                     answer = self._post(f"/api/variants/{urllib.parse.quote(vid, safe='')}/stitch?{query}",
                                         tensors_to_bytes(v.best), "application/octet-stream")

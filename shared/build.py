@@ -22,7 +22,7 @@ from shared.artifacts import BlobStore, atomic_write, export_variant
 from shared.blocks import BlockedModel, activation_specs, block_outputs, split_model
 from shared.catalog import Catalog, ModelInfo, VariantRecord, _finite
 from shared.variants import architecture_of
-from shared.cka import CKAAccumulator
+from shared.cka import cka_accumulator
 from shared.config import Config, ModelConfig
 from shared.datasets import calibration_batches, load_splits
 from shared.models import check_input, create_model, save_checkpoint
@@ -31,6 +31,10 @@ from shared.stitching import StitchedModel, stitching_layer
 from shared.training import cache_front_outputs, evaluate, finetune, train_base
 
 FINETUNE_MEMORY_BATCH = 32
+ESTIMATOR_NAMES = {  # what cka.json says it holds
+    "unbiased": "linear CKA, unbiased HSIC (Song et al. 2012), minibatch-accumulated in float64",
+    "paper": "linear CKA, biased HSIC with the centring matrix (ReStNet eq. 6-7), averaged over the repeats",
+}
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Calibration:
     behind_acts: list[torch.Tensor]
     examples: int
     repeats: int
+    estimator: str = "unbiased"
     seconds_forward: float = 0.0
     seconds_cka: float = 0.0
 
@@ -103,11 +108,12 @@ def prepare_bases(cfg: Config, train, val, out: Path, progress: bool, log) -> di
 
 @torch.no_grad()
 def calibrate(front: BlockedModel, behind: BlockedModel, batches: list[torch.Tensor],
-              chunk: int | None = None) -> Calibration:
-    """One forward pass of each model per calibration batch; CKA accumulated over the batches.
+              chunk: int | None = None, estimator: str = "unbiased") -> Calibration:
+    """One forward pass of each model per calibration batch; CKA accumulated over the batches with `estimator`
+    (`shared.vocabulary.CKA_ESTIMATORS`).
 
     `chunk` bounds how many examples go through a model at once (memory), not the CKA batch size."""
-    acc = CKAAccumulator(len(front.blocks) - 1, len(behind.blocks) - 1)
+    acc = cka_accumulator(estimator, len(front.blocks) - 1, len(behind.blocks) - 1)
     kept_f = kept_b = None
     t_fwd = t_cka = 0.0
     for x in batches:
@@ -123,7 +129,8 @@ def calibrate(front: BlockedModel, behind: BlockedModel, batches: list[torch.Ten
     t1 = time.perf_counter()
     cka = acc.result()
     t_cka += time.perf_counter() - t1
-    return Calibration(cka, acc.undefined_reasons(), kept_f, kept_b, len(batches[0]), len(batches), t_fwd, t_cka)
+    return Calibration(cka, acc.undefined_reasons(), kept_f, kept_b, len(batches[0]), len(batches), estimator, t_fwd,
+                       t_cka)
 
 
 def _outputs_in_chunks(bm: BlockedModel, x: torch.Tensor, chunk: int | None) -> list[torch.Tensor]:
@@ -197,7 +204,7 @@ def build_catalog(cfg: Config, out: Path | str, progress: bool = True, log=print
 
     batches = calibration_batches(train, cfg.data.calibration.examples, cfg.data.calibration.repeats, cfg.data.seed)
     x1 = batches[0][:1]
-    cal = calibrate(front, behind, batches, cfg.data.calibration.batch_size)
+    cal = calibrate(front, behind, batches, cfg.data.calibration.batch_size, cfg.data.calibration.estimator)
     timings["calibration_forward_s"], timings["cka_s"] = cal.seconds_forward, cal.seconds_cka
     log(f"CKA: {cal.cka.shape[0]}x{cal.cka.shape[1]} block pairs over {cal.repeats} x {cal.examples} examples"
         + (f", {len(cal.undefined)} undefined" if cal.undefined else ""))
@@ -312,7 +319,7 @@ def write_cka(path: Path, cal: Calibration, front: BlockedModel, behind: Blocked
         "undefined": {str(k): v for k, v in cal.undefined.items()},
         "examples": cal.examples,
         "repeats": cal.repeats,
-        "estimator": "linear CKA, unbiased HSIC (Song et al. 2012), minibatch-accumulated in float64",
+        "estimator": ESTIMATOR_NAMES[cal.estimator],
         "budget_metric": metric,
         "cost": cost.tolist(),
         "budgets": sorted(budgets),

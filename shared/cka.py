@@ -1,10 +1,16 @@
 """Linear CKA between every block of model A and every block of model B, streamed over minibatches.
 
-Minibatch CKA (Nguyen et al. 2021): over calibration batches k,
+Two estimators (`data.calibration.estimator`, names in `shared.vocabulary.CKA_ESTIMATORS`):
+
+`unbiased` (the default), minibatch CKA (Nguyen et al. 2021): over calibration batches k,
     CKA(a, b) = sum_k HSIC_u(K_ak, L_bk) / sqrt(sum_k HSIC_u(K_ak, K_ak) * sum_k HSIC_u(L_bk, L_bk))
 with the unbiased HSIC estimator. Each block's Gram matrix is computed once per batch (not once per pair)
 and all cross terms come from one matrix product. Values are never clamped: the unbiased estimator can
 give (small) negative CKA, and undefined entries are NaN with a reason in `undefined_reasons()`.
+
+`paper`, as the ReStNet paper computes it: biased HSIC with the centring matrix H (its eq. 6), CKA per
+calibration batch (eq. 7), averaged over the M batches. Its values lie in [0, 1] and are biased upwards for
+wide features and few examples.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shared.hsic import gram_terms, hsic_u_cross, hsic_u_self
+from shared.vocabulary import CKA_ESTIMATORS
+from shared.hsic import centered_grams, gram_terms, hsic_b_cross, hsic_b_self, hsic_u_cross, hsic_u_self
 
 
 class CKAAccumulator:
     """Accumulates, in float64, the HSIC_u terms of all (a, b) block pairs over repeated `update()` calls."""
+
+    min_examples = 4  # unbiased HSIC needs n > 3
 
     def __init__(self, n_a: int, n_b: int):
         self.n_a = n_a
@@ -28,7 +37,7 @@ class CKAAccumulator:
         self.self_b = np.zeros(n_b)
         self.batches = 0
         self.examples = 0
-        self.skipped_batches = 0  # minibatches with n <= 3: no unbiased estimate, left out and counted
+        self.skipped_batches = 0  # minibatches too small for an estimate, left out and counted
 
     def update(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> None:
         """Add one minibatch: every block's output of model A and of model B for the same n examples.
@@ -46,15 +55,22 @@ class CKAAccumulator:
                 f"all features of one minibatch must have the same number of examples, got {sorted(sizes)}"
             )
         n = sizes.pop()
-        if n <= 3:
+        if n < self.min_examples:
             self.skipped_batches += 1
             return
+        self._add(feats_a, feats_b)
+        self.batches += 1
+        self.examples += n
+
+    def _add(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> None:
         ta, tb = gram_terms(feats_a), gram_terms(feats_b)
         self.cross += hsic_u_cross(ta, tb)
         self.self_a += hsic_u_self(ta)
         self.self_b += hsic_u_self(tb)
-        self.batches += 1
-        self.examples += n
+
+    def _combined(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.cross / np.sqrt(np.outer(self.self_a, self.self_b))
 
     def _degenerate(self) -> tuple[np.ndarray, np.ndarray]:
         """Blocks whose features do not vary across examples: K = 0, so self-HSIC = 0.
@@ -68,8 +84,7 @@ class CKAAccumulator:
         if self.batches == 0:
             return np.full((self.n_a, self.n_b), np.nan)
         bad_a, bad_b = self._degenerate()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cka = self.cross / np.sqrt(np.outer(self.self_a, self.self_b))
+        cka = self._combined()
         cka[bad_a, :] = np.nan
         cka[:, bad_b] = np.nan
         return cka
@@ -78,8 +93,8 @@ class CKAAccumulator:
         """Why each NaN entry (a, b) of `result()` is undefined; empty when every entry is defined."""
         if self.batches == 0:
             why = (
-                f"no minibatch with more than 3 examples ({self.skipped_batches} skipped): "
-                "unbiased HSIC needs n > 3"
+                f"no minibatch with at least {self.min_examples} examples ({self.skipped_batches} skipped): "
+                f"the estimator needs n > {self.min_examples - 1}"
             )
             return {(a, b): why for a in range(self.n_a) for b in range(self.n_b)}
         bad_a, bad_b = self._degenerate()
@@ -101,13 +116,37 @@ class CKAAccumulator:
         return reasons
 
 
-def cka_matrix(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> np.ndarray:
-    """CKA of every block pair on one batch; NaN where undefined (use CKAAccumulator for the reasons)."""
-    acc = CKAAccumulator(len(feats_a), len(feats_b))
-    acc.update(feats_a, feats_b)
-    return acc.result()
+class PaperCKAAccumulator(CKAAccumulator):
+    """The paper's estimator: the mean over batches of each batch's biased-HSIC CKA. A block that does not vary
+    in some batch leaves its entries undefined (NaN), as in `CKAAccumulator`."""
+
+    min_examples = 2
+
+    def __init__(self, n_a: int, n_b: int):
+        super().__init__(n_a, n_b)
+        self.cka_sum = np.zeros((n_a, n_b))
+        self.constant_a = np.zeros(n_a, dtype=bool)
+        self.constant_b = np.zeros(n_b, dtype=bool)
+
+    def _add(self, feats_a, feats_b) -> None:
+        ka, kb = centered_grams(feats_a), centered_grams(feats_b)
+        self_a, self_b = hsic_b_self(ka), hsic_b_self(kb)
+        self.constant_a |= self_a <= 0.0
+        self.constant_b |= self_b <= 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.cka_sum += hsic_b_cross(ka, kb) / np.sqrt(np.outer(self_a, self_b))
+        self.self_a += self_a  # kept for the reasons of undefined entries
+        self.self_b += self_b
+
+    def _degenerate(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.constant_a, self.constant_b
+
+    def _combined(self) -> np.ndarray:
+        return self.cka_sum / self.batches
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Unbiased linear CKA of two feature tensors (n, ...) for the same n examples."""
-    return float(cka_matrix([x], [y])[0, 0])
+def cka_accumulator(estimator: str, n_a: int, n_b: int) -> CKAAccumulator:
+    """The accumulator of a `CKA_ESTIMATORS` name."""
+    if estimator not in CKA_ESTIMATORS:
+        raise ValueError(f"unknown CKA estimator {estimator!r}; expected one of {CKA_ESTIMATORS}")
+    return (PaperCKAAccumulator if estimator == "paper" else CKAAccumulator)(n_a, n_b)

@@ -16,8 +16,8 @@ from pydantic_core import PydanticCustomError
 from pydantic.dataclasses import dataclass
 
 from shared.errors import ConfigError
-from shared.vocabulary import (AGGREGATIONS, AUGMENTATIONS, BUDGET_METRICS, DATASETS, DIRECTIONS, PARTITIONS,
-                               STITCH_INITS, STRATEGIES, UPDATE_FORMATS, valid_device_id)
+from shared.vocabulary import (AGGREGATIONS, AUGMENTATIONS, BUDGET_METRICS, CKA_ESTIMATORS, DATASETS, DIRECTIONS,
+                               PARTITIONS, STITCH_INITS, STRATEGIES, UPDATE_FORMATS, valid_device_id)
 
 
 def _not_bool(value):
@@ -33,6 +33,7 @@ Direction = Literal[DIRECTIONS]
 BudgetMetric = Literal[BUDGET_METRICS]
 Dataset = Literal[DATASETS]
 StitchInit = Literal[STITCH_INITS]
+CKAEstimator = Literal[CKA_ESTIMATORS]
 Augmentation = Literal[AUGMENTATIONS]
 Strategy = Literal[STRATEGIES]
 Aggregation = Literal[AGGREGATIONS]
@@ -69,6 +70,7 @@ class CalibrationConfig:
     examples: Int = 256
     repeats: Int = 1
     batch_size: Int = 128
+    estimator: CKAEstimator = "unbiased"  # unbiased (minibatch HSIC_u) | paper (biased HSIC, CKA averaged over repeats)
 
 
 @_section

@@ -1,13 +1,12 @@
-"""Pure math for linear CKA: Gram matrices and the unbiased HSIC estimator (float64).
+"""Pure math for linear CKA: Gram matrices and the two HSIC estimators (float64).
 
-Two formulations of the same estimator (Song et al. 2012):
-- the fast one, for many blocks at once: `gram_terms` keeps of each Gram matrix K (diagonal set to zero) only
-  what the estimator needs, its strict upper triangle and its row sums, and `hsic_u_cross` / `hsic_u_self`
-  evaluate [tr(K L) + (1'K1)(1'L1) / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3)) for every pair with one
-  matrix product;
-- the textbook one: U-centering (Székely & Rizzo 2014) zeroes the diagonal and removes row/column means, and
-  <U(K), U(L)> / (n (n - 3)) is the estimator (`u_center`, `hsic_unbiased`; the tests check one against the other).
-All need n > 3.
+- The unbiased estimator (Song et al. 2012), for many blocks at once: `gram_terms` keeps of each Gram matrix K
+  (diagonal set to zero) only what the estimator needs, its strict upper triangle and its row sums, and
+  `hsic_u_cross` / `hsic_u_self` evaluate [tr(K L) + (1'K1)(1'L1) / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3))
+  for every pair with one matrix product. Needs n > 3.
+- The biased estimator the ReStNet paper writes (its eq. 6): HSIC(K, L) = tr(K H L H) / (n-1)^2 with the
+  centring matrix H = I - 11'/n. `centered_grams` forms H K H once per block (from `gram_linear`) and
+  `hsic_b_cross` / `hsic_b_self` give every pair's value, since tr(K H L H) = <HKH, HLH>. Needs n > 1.
 """
 from __future__ import annotations
 
@@ -129,26 +128,33 @@ def hsic_u_self(a: GramTerms) -> np.ndarray:
     return value / (n * (n - 3))
 
 
-def u_center(gram: np.ndarray) -> np.ndarray:
-    """U-centred copy (..., n, n) float64 of a Gram matrix or a stack of them; its diagonal is zero."""
-    g = np.array(gram, dtype=np.float64)
-    n = g.shape[-1]
-    _check_n(n)
-    diag = np.arange(n)
-    g[..., diag, diag] = 0.0
-    rows = g.sum(axis=-1)
-    cols = g.sum(axis=-2)
-    total = rows.sum(axis=-1)
-    g -= rows[..., :, None] / (n - 2)
-    g -= cols[..., None, :] / (n - 2)
-    g += total[..., None, None] / ((n - 1) * (n - 2))
-    g[..., diag, diag] = 0.0
-    return g
+def _check_n_biased(n: int) -> None:
+    if n <= 1:
+        raise ValueError(f"biased HSIC needs more than 1 example, got n={n}")
 
 
-def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> np.ndarray | float:
-    """Unbiased HSIC of Gram matrices k and l, matched pair by pair over any leading (stack) dimensions."""
-    n = np.shape(k)[-1]
-    _check_n(n)
-    value = (u_center(k) * u_center(l)).sum(axis=(-2, -1)) / (n * (n - 3))
-    return float(value) if np.ndim(value) == 0 else value
+def centered_grams(feats: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+    """H K H (p, n, n) for the Gram matrix K of every feature tensor (n, ...) of `feats`. Centring removes the
+    first example's shift `gram_linear` applies, so the result is that of the raw features."""
+    grams = np.stack([gram_linear(f) for f in feats])
+    _check_n_biased(grams.shape[-1])
+    grams -= grams.mean(axis=-1, keepdims=True)
+    grams -= grams.mean(axis=-2, keepdims=True)
+    return grams
+
+
+def hsic_b_cross(k: np.ndarray, l: np.ndarray) -> np.ndarray:
+    """Biased HSIC of every pair (i, j) of centred Gram matrices k (p, n, n) and l (q, n, n): (p, q)."""
+    n = k.shape[-1]
+    _check_n_biased(n)
+    with _same_threads_as_torch():
+        trace = k.reshape(len(k), -1) @ l.reshape(len(l), -1).T
+    return trace / (n - 1) ** 2
+
+
+def hsic_b_self(k: np.ndarray) -> np.ndarray:
+    """Biased HSIC(K_i, K_i) of each centred Gram matrix (p,). Exactly 0 for features that do not vary."""
+    n = k.shape[-1]
+    _check_n_biased(n)
+    flat = k.reshape(len(k), -1)
+    return np.einsum("ij,ij->i", flat, flat) / (n - 1) ** 2

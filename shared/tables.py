@@ -1,4 +1,4 @@
-"""Plain-text tables for terminals (no dependency, aligned columns)."""
+"""Plain-text tables for terminals (no dependency, aligned columns) and markdown tables for reports."""
 from __future__ import annotations
 
 import re
@@ -13,7 +13,8 @@ def format_table(headers: list[str], rows: list[list], align_right: set[int] | N
         i for i in range(len(headers)) if cells and all(_numeric(r[i]) for r in cells)}
 
     def line(values):
-        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
@@ -44,3 +45,20 @@ def human_bytes(n: float | None) -> str:
 
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table; cells formatted as in `format_table`."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def human_count(n: int) -> str:
+    """A parameter count: 68, 4.1K, 1.18M."""
+    return str(n) if n < 1000 else f"{n / 1e3:.1f}K" if n < 1e6 else f"{n / 1e6:.2f}M"
+
+
+def pct_spread(acc: dict) -> str:
+    """An accuracy over seeds: mean ± sample std (min-max), in percent."""
+    return f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} ({100 * acc['min']:.2f}-{100 * acc['max']:.2f})"

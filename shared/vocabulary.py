@@ -34,6 +34,8 @@ DIRECTIONS = ("slow_to_fast", "fast_to_slow")  # front = the larger model, or th
 BUDGET_METRICS = ("params", "flops", "memory", "latency")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 STITCH_INITS = ("least_squares", "random")
+# CKA between blocks (`shared.cka`): minibatch unbiased HSIC, or the paper's biased HSIC averaged over repeats
+CKA_ESTIMATORS = ("unbiased", "paper")
 AUGMENTATIONS = ("none", "shift", "shift+flip")
 # The paper's fine-tuning strategies and the parts of a stitched model each one trains.
 TRAINABLE_PARTS = {
@@ -43,6 +45,8 @@ TRAINABLE_PARTS = {
     "full": ("front", "stitch", "behind"),
 }
 STRATEGIES = tuple(TRAINABLE_PARTS)
+# `restnet experiment NAME`: the paper's Table III, Table IV, Fig. 4 and Fig. 5 (`shared.experiments`)
+EXPERIMENTS = ("directions", "strategies", "cka-vs-accuracy", "heatmaps")
 
 # ---- federated fine-tuning ------------------------------------------------------------------------------------
 

@@ -119,3 +119,22 @@ def test_a_3x3_stitch_catalog_builds_travels_and_rebuilds(tmp_path):
         assert model.stitch.proj.kernel_size == (3, 3) and model.stitch.proj.bias is None
         assert rec.trainable_params == count_params(model.stitch) == 9 * src.channels * dst.channels
         assert rec.params == count_params(model)
+
+
+def test_the_paper_cka_estimator_builds_a_catalog_and_cka_json_names_it(tmp_path):
+    """`data.calibration.estimator: paper`, kept quick: untrained base models, no fine-tuning."""
+    cfg = tiny_config_dict()
+    cfg["large"]["train"] = cfg["small"]["train"] = None
+    cfg["catalog"].update(sweep=2, measure_latency=False, finetune={"epochs": 0})
+    docs = {}
+    for estimator in ("unbiased", "paper"):
+        cfg["data"]["calibration"]["estimator"] = estimator
+        catalog = build_catalog(parse_config(cfg, "test"), tmp_path / estimator, progress=False,
+                                log=lambda m: None).catalog
+        assert catalog.variants
+        docs[estimator] = catalog.load_cka()
+    assert "unbiased HSIC" in docs["unbiased"]["estimator"] and "biased HSIC" in docs["paper"]["estimator"]
+    paper = np.array([[np.nan if v is None else v for v in row] for row in docs["paper"]["matrix"]])
+    unbiased = np.array([[np.nan if v is None else v for v in row] for row in docs["unbiased"]["matrix"]])
+    assert np.nanmin(paper) >= 0.0 and np.nanmax(paper) <= 1.0 + 1e-9
+    assert not np.allclose(paper, unbiased, equal_nan=True)

@@ -6,49 +6,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.cka import CKAAccumulator, cka_matrix, linear_cka
-from shared.hsic import gram_linear, gram_terms, hsic_u_cross, hsic_u_self, hsic_unbiased, u_center
+from shared.cka import CKAAccumulator, PaperCKAAccumulator, cka_accumulator
+from shared.hsic import gram_linear
+from tests.cka_reference import activations, hsic_unbiased, paper_cka, reference_cka
 
 
-def reference_hsic(x: np.ndarray, y: np.ndarray) -> float:
-    """Song et al. (2012) eq. 5 written out with ones vectors, on raw (uncentred) float64 features."""
-    x = x.reshape(len(x), -1).astype(np.float64)
-    y = y.reshape(len(y), -1).astype(np.float64)
-    n = len(x)
-    k, l = x @ x.T, y @ y.T
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    one = np.ones(n)
-    value = (
-        np.trace(k @ l)
-        + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-        - 2 / (n - 2) * (one @ k @ l @ one)
-    )
-    return value / (n * (n - 3))
+def cka_matrix(feats_a, feats_b, estimator: str = "unbiased") -> np.ndarray:
+    """CKA of every block pair on one batch."""
+    acc = cka_accumulator(estimator, len(feats_a), len(feats_b))
+    acc.update(feats_a, feats_b)
+    return acc.result()
 
 
-def reference_cka(batches_x: list, batches_y: list) -> float:
-    """Minibatch CKA (Nguyen et al.): sums of per-batch HSIC_u, then the normalisation."""
-    xy = sum(reference_hsic(x, y) for x, y in zip(batches_x, batches_y))
-    xx = sum(reference_hsic(x, x) for x in batches_x)
-    yy = sum(reference_hsic(y, y) for y in batches_y)
-    return xy / np.sqrt(xx * yy)
-
-
-def activations(n: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Float32 features shaped like real blocks (conv maps, tokens, vectors), sharing a latent so CKA varies."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 8, generator=g)
-
-    def block(*shape: int, offset: float) -> torch.Tensor:
-        d = int(np.prod(shape))
-        w = torch.randn(8, d, generator=g)
-        noise = torch.randn(n, d, generator=g) * torch.rand(1, generator=g) * 3
-        return (z @ w + noise + offset).relu().reshape(n, *shape)
-
-    feats_a = [block(4, 6, 6, offset=5.0), block(10, 16, offset=0.0), block(300, offset=20.0)]
-    feats_b = [block(3, 8, 8, offset=1.0), block(64, offset=50.0)]
-    return feats_a, feats_b
+def linear_cka(x: torch.Tensor, y: torch.Tensor, estimator: str = "unbiased") -> float:
+    """CKA of two feature tensors (n, ...) for the same n examples."""
+    return float(cka_matrix([x], [y], estimator)[0, 0])
 
 
 def test_agrees_with_float64_reference_over_batches():
@@ -149,8 +121,6 @@ def test_too_few_examples_are_reported():
     acc.update([torch.randn(10, 4)], [torch.randn(10, 4)])
     assert np.isfinite(acc.result()).all() and acc.undefined_reasons() == {}
     assert (acc.batches, acc.skipped_batches) == (1, 1)
-    with pytest.raises(ValueError, match="more than 3"):
-        hsic_unbiased(np.eye(3), np.eye(3))
 
 
 def test_rejects_mismatched_inputs():
@@ -159,33 +129,6 @@ def test_rejects_mismatched_inputs():
         acc.update([torch.randn(8, 3)], [torch.randn(8, 3)])
     with pytest.raises(ValueError, match="same number of examples"):
         acc.update([torch.randn(8, 3), torch.randn(9, 3)], [torch.randn(8, 3)])
-
-
-def test_gram_of_shifted_features_has_the_same_u_centering():
-    x = torch.rand(12, 3, 7, dtype=torch.float64) + 4.0
-    flat = x.reshape(12, -1).numpy()
-    shifted = flat - flat[0]
-    np.testing.assert_allclose(gram_linear(x), shifted @ shifted.T, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(u_center(gram_linear(x)), u_center(flat @ flat.T), atol=1e-9)
-    for constant in (torch.full((9, 40), 0.1), torch.full((9, 40), 0.1, dtype=torch.float64)):
-        assert not gram_linear(constant).any()  # exactly zero, so constant blocks are detected exactly
-    u = u_center(flat @ flat.T)
-    np.testing.assert_allclose(np.diag(u), 0.0)
-    np.testing.assert_allclose(u.sum(axis=0), 0.0, atol=1e-9)  # U-centred rows and columns sum to zero
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_gram_terms_give_the_u_centering_definition(dtype):
-    feats_a, feats_b = activations(37, seed=11)
-    feats_a, feats_b = [f.to(dtype) for f in feats_a], [f.to(dtype) for f in feats_b]
-    ta, tb = gram_terms(feats_a), gram_terms(feats_b)
-    ks, ls = [gram_linear(f) for f in feats_a], [gram_linear(f) for f in feats_b]
-    for k, upper in zip(ks, ta.upper):  # only the strict upper triangle is kept
-        np.testing.assert_array_equal(upper, np.triu(k, 1))
-    expected = np.array([[hsic_unbiased(k, l) for l in ls] for k in ks])
-    np.testing.assert_allclose(hsic_u_cross(ta, tb), expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
-    np.testing.assert_allclose(hsic_u_self(ta), [hsic_unbiased(k, k) for k in ks], rtol=1e-9)
-    np.testing.assert_allclose(hsic_u_self(tb), [hsic_unbiased(l, l) for l in ls], rtol=1e-9)
 
 
 def test_float32_gram_is_accurate_on_large_offsets():
@@ -202,3 +145,53 @@ def test_float32_gram_is_accurate_on_large_offsets():
     expected = reference_cka([x64 - x64.mean(axis=0)], [y64 - y64.mean(axis=0)])
     assert expected > 0.5
     assert linear_cka(x, y) == pytest.approx(expected, abs=1e-6)
+
+
+def test_paper_estimator_is_the_mean_over_repeats_of_each_batchs_biased_cka():
+    acc = PaperCKAAccumulator(3, 2)
+    batches = [activations(n, seed) for seed, n in enumerate([40, 33, 50])]
+    for feats_a, feats_b in batches:
+        acc.update(feats_a, feats_b)
+    expected = np.array([[paper_cka([fa[a].numpy() for fa, _ in batches], [fb[b].numpy() for _, fb in batches])
+                          for b in range(2)] for a in range(3)])
+    np.testing.assert_allclose(acc.result(), expected, rtol=0, atol=1e-6)
+    assert (acc.result() >= 0).all() and (acc.result() <= 1 + 1e-9).all()
+
+
+def test_paper_estimator_is_biased_upwards_on_independent_features():
+    """Independent wide features, few examples: the unbiased CKA is near 0, the paper's well above it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 300, generator=g, dtype=torch.float64)
+    y = torch.randn(12, 200, generator=g, dtype=torch.float64)
+    assert abs(linear_cka(x, y)) < 0.15
+    assert linear_cka(x, y, "paper") > 0.5
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(1e-3, 1e3), n=st.integers(4, 30))
+def test_paper_estimator_is_invariant_to_orthogonal_transform_and_isotropic_scaling(seed, scale, n):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 9, generator=g, dtype=torch.float64) + x[:, :9]
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    base = linear_cka(x, y, "paper")
+    assert linear_cka(x @ q, y, "paper") == pytest.approx(base, abs=1e-9)
+    assert linear_cka(scale * x, y, "paper") == pytest.approx(base, abs=1e-9)
+    assert linear_cka(x, x, "paper") == pytest.approx(1.0, abs=1e-9)
+
+
+def test_paper_estimator_reports_constant_blocks_and_tiny_batches():
+    feats_a, feats_b = activations(16, seed=1)
+    feats_a[1] = torch.full((16, 5, 5), 0.7)
+    acc = cka_accumulator("paper", 3, 2)
+    acc.update(feats_a, feats_b)
+    result = acc.result()
+    assert np.isnan(result[1]).all() and np.isfinite(result[[0, 2]]).all()
+    assert set(acc.undefined_reasons()) == {(1, 0), (1, 1)}
+    small = cka_accumulator("paper", 1, 1)
+    small.update([torch.randn(1, 4)], [torch.randn(1, 4)])
+    assert small.skipped_batches == 1 and np.isnan(small.result()).all()
+    small.update([torch.randn(3, 4)], [torch.randn(3, 4)])  # n = 3 is enough for the biased estimator
+    assert np.isfinite(small.result()).all()
+    with pytest.raises(ValueError, match="unknown CKA estimator"):
+        cka_accumulator("biased", 1, 1)

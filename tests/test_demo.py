@@ -1,5 +1,6 @@
-"""A shortened `restnet demo`, end to end with real processes: embedded broker, coordinator, SuperLink,
-SuperNodes, federated rounds. Checks the table's content, the plots, and that nothing is left running."""
+"""`restnet demo` end to end with its own config (fleet_configs/demo.yaml, two federated rounds instead of three)
+and real processes: embedded broker, coordinator, SuperLink, SuperNodes. Checks the catalog as delivered (it rises
+with size), who gets what, the table, the plots, and that nothing is left running."""
 import json
 import os
 import signal
@@ -12,27 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from restnet.demo import DEFAULT_CONFIG
 from shared.catalog import Catalog
+from shared.experiments import spearman
 from shared.messages import Profile
-from tests.conftest import tiny_config_dict
-from tests.fleet_helpers import assert_assignment_ok
+from tests.fleet_helpers import assert_assignment_ok, fits
 
 # Real Flower processes: minutes on a loaded 2-core machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def demo_config(tmp_path: Path) -> dict:
-    cfg = tiny_config_dict()
-    cfg["catalog"].update({"sweep": 3, "finetune": {"epochs": 0}, "measure_latency": False})
-    cfg["fleet"] = {"memory_margin": 0.2, "devices": [
-        {"id": "small-1", "memory_mb": 1.0, "compute": 1.0},  # resized below to fit only the cheapest variant
-        {"id": "small-2", "memory_mb": 1.0, "compute": 1.0},
-        {"id": "big-1", "memory_mb": 64.0, "compute": 2.0},
-        {"id": "big-2", "memory_mb": 64.0, "compute": 2.0},
-    ]}
-    cfg["federated"] = {"rounds": 2, "local_epochs": 1, "lr": 0.02, "batch_size": 32,
-                        "partition": {"kind": "dirichlet", "alpha": 1.0, "seed": 0}}
-    return cfg
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 MARK = f"RESTNET_TEST_RUN={uuid.uuid4().hex}"  # in the environment of every process this module starts
@@ -77,26 +65,19 @@ def run_demo(config: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """Build the catalog once (to size the small devices to its cheapest variant), then run the demo."""
-    from shared.build import build_catalog
-    from shared.config import parse_config
-
-    from restnet.demo import config_digest
-
+    """The demo as shipped, two rounds: it builds its catalog (on one thread, as on any machine), then runs."""
     root = tmp_path_factory.mktemp("demo")
-    cfg = demo_config(root)
-    base = root / "out" / "catalog-base"  # where the demo keeps its catalog; it reuses one built from its config
-    probe = build_catalog(parse_config(cfg, "probe"), base, progress=False, log=lambda m: None).catalog
-    needs = sorted((v.memory_bytes + v.finetune_memory_bytes) * 1.2 / 2**20 for v in probe.variants)
-    small = needs[0] + 0.25 * (needs[1] - needs[0]) if len(needs) > 1 else needs[0] * 1.01
-    for dev in cfg["fleet"]["devices"][:2]:
-        dev["memory_mb"] = round(small, 4)
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["federated"]["rounds"] = 2
     config = root / "demo.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    (base / ".config-digest").write_text(config_digest(parse_config(cfg, "test")))  # the fleet part is not hashed
     proc = run_demo(config, root / "out")
-    out, err = proc.communicate(timeout=900)
+    out, err = proc.communicate(timeout=1500)
     return {"code": proc.returncode, "stdout": out, "stderr": err, "root": root, "config": config, "cfg": cfg}
+
+
+def delivered(demo_run) -> Catalog:
+    return Catalog.load(demo_run["root"] / "out" / "catalog-base")  # what the coordinator assigned from
 
 
 def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
@@ -107,22 +88,48 @@ def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
     assert "acc after FL" in table and "acc delivered" in table
 
 
-def test_every_device_got_the_best_variant_within_its_budget(demo_run):
+def test_the_catalog_rises_with_size_as_delivered(demo_run):
+    """Before any federated round: accuracy follows size (Spearman >= 0.8), no variant falls more than two
+    validation examples below a smaller one, and the largest comes within about a point of the large model."""
+    catalog = delivered(demo_run)
+    variants = sorted(catalog.variants, key=lambda v: v.params)
+    assert len(variants) >= 4
+    params, accs = [v.params for v in variants], [v.accuracy for v in variants]
+    assert spearman(params, accs) >= 0.8, list(zip(params, accs))
+    example = 1 / 359  # the digits validation split
+    for k in range(1, len(accs)):
+        assert accs[k] >= max(accs[:k]) - 2 * example + 1e-9, (variants[k].id, accs)
+    large = max((catalog.front, catalog.behind), key=lambda m: m.params)
+    assert accs[-1] >= large.accuracy - 0.0125 and accs[-1] == max(accs)
     report = json.loads((demo_run["root"] / "out" / "demo.json").read_text())
-    delivered = Catalog.load(demo_run["root"] / "out" / "catalog-base")  # what the coordinator assigned from
+    assert [v["accuracy"] for v in report["catalog"]["variants"]] == accs
+    assert report["catalog"]["spearman"] == pytest.approx(spearman(params, accs))
+    assert "catalog as delivered" in demo_run["stdout"]
+
+
+def test_more_memory_gets_a_larger_more_accurate_variant_and_the_most_the_largest_it_holds(demo_run):
+    catalog = delivered(demo_run)
     margin = demo_run["cfg"]["fleet"]["memory_margin"]
-    assert len(report["devices"]) == 4
-    for row in report["devices"]:
-        assert row["variant"], f"{row['device']} got no variant"
-        rec = delivered.get(row["variant"])
+    report = json.loads((demo_run["root"] / "out" / "demo.json").read_text())
+    rows = sorted(report["devices"], key=lambda r: r["memory_mb"])
+    assert len(rows) == 6 and all(r["variant"] for r in rows)
+    for row in rows:
+        rec = catalog.get(row["variant"])
         assert (rec.memory_bytes + rec.finetune_memory_bytes) * (1 + margin) <= row["memory_mb"] * 2**20
-        assert_assignment_ok(delivered, Profile(row["memory_mb"], row["compute"], agent_version="test"), row["variant"], margin)
-    small = {r["variant"] for r in report["devices"] if r["device"].startswith("small")}
-    cheapest = min(delivered.variants, key=lambda v: v.memory_bytes + v.finetune_memory_bytes)
-    assert small == {cheapest.id}  # sized so that only the cheapest variant fits
+        assert_assignment_ok(catalog, Profile(row["memory_mb"], row["compute"], agent_version="test"), row["variant"],
+                             margin)
+    for a, b in zip(rows, rows[1:]):
+        ra, rb = catalog.get(a["variant"]), catalog.get(b["variant"])
+        assert ra.params <= rb.params and ra.accuracy <= rb.accuracy
+    assert len({catalog.get(r["variant"]).params for r in rows}) == 3  # three budgets, three variants
+    most = [r for r in rows if r["memory_mb"] == rows[-1]["memory_mb"]]
+    for row in most:
+        profile = Profile(row["memory_mb"], row["compute"], agent_version="test")
+        largest = max((v for v in catalog.variants if fits(v, profile, margin)), key=lambda v: v.params)
+        assert row["variant"] == largest.id
 
 
-def test_accuracy_after_federated_rounds_is_at_least_as_delivered(demo_run):
+def test_federated_rounds_run_and_never_publish_a_worse_stitch(demo_run):
     report = json.loads((demo_run["root"] / "out" / "demo.json").read_text())
     for row in report["devices"]:
         assert row["accuracy_after"] >= row["accuracy_delivered"], row
@@ -160,7 +167,7 @@ def test_the_catalog_is_rebuilt_only_when_its_own_settings_change():
     from restnet.demo import config_digest
     from shared.config import parse_config
 
-    cfg = demo_config(Path("."))
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
     base = config_digest(parse_config(cfg, "test"))
     cfg["fleet"]["devices"][0]["memory_mb"] = 99.0
     cfg["federated"]["rounds"] = 7
