@@ -387,7 +387,7 @@ def raw_clients():
         c.close()
 
 
-def wait_until(predicate, timeout: float = 10.0, every: float = 0.05) -> bool:
+def wait_until(predicate, timeout: float = 30.0, every: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
