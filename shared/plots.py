@@ -60,12 +60,7 @@ def plot_frontier(variants: list[dict], bases: list[dict], path: Path, highlight
         known = [v for v in vs if v["id"] in after]
         ax.scatter([v["params"] / 1e6 for v in known], [100 * after[v["id"]] for v in known], marker="^", s=60,
                    color="tab:green", zorder=3, label="after federated rounds")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "Accuracy versus size", fontsize=9)
-    return _save(fig, path)
+    return _save_accuracy(fig, ax, "parameters (M)", title or "Accuracy versus size", path)
 
 
 def plot_rounds(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
@@ -74,11 +69,17 @@ def plot_rounds(history: dict[str, list[float]], path: Path, title: str = "") ->
     for vid, accs in sorted(history.items()):
         ax.plot(range(len(accs)), [100 * a for a in accs], "o-", label=vid)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("federated round (0 = as delivered)")
+    return _save_accuracy(fig, ax, "federated round (0 = as delivered)", title or "Federated stitch-only fine-tuning",
+                          path)
+
+
+def _save_accuracy(fig, ax, xlabel: str, title: str, path: Path) -> Path:
+    """The finish every accuracy plot shares: labels, grid, legend, title."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title or "Federated stitch-only fine-tuning", fontsize=9)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,33 @@ def mosquitto_broker(tmp_path):
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def http_servers():
+    """Factory: `http_servers(handler_class)` serves plain HTTP on a free port in a thread and returns its base URL
+    (a stand-in for a broken or hostile artifact server); all are shut down after the test."""
+    servers = []
+
+    def start(handler: type[BaseHTTPRequestHandler]) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def reply(handler: BaseHTTPRequestHandler, body: bytes, status: int = 200, headers: dict | None = None) -> None:
+    """Answer with `body` and a Content-Length that says its true size."""
+    handler.send_response(status)
+    for name, value in {**(headers or {}), "Content-Length": str(len(body))}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 @pytest.fixture

@@ -11,17 +11,16 @@ import threading
 import time
 import urllib.request
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from fleet_helpers import (BUDGETS, DEVICES, SimulatedDevices, _synthetic_catalog_template,  # noqa: F401
                            allow_loadgen, assert_assignment_ok, device_agents, embedded_broker_url, fleet_config,
-                           fleet_coordinator,
-                           free_port, http, metric, mosquitto_broker, profile_of, raw_clients, synthetic_catalog,
-                           wait_until, write_config)
+                           fleet_coordinator, free_port, http, http_servers, metric, mosquitto_broker, profile_of,
+                           raw_clients, reply, synthetic_catalog, wait_until, write_config)
 
-from client.download import MAX_MANIFEST_BYTES, install
+from client.download import MAX_MANIFEST_BYTES, fetch_blob, install
 from client.fleet_sim import settled, wait_settled
 from server.registry import open_registry
 from shared.artifacts import BlobStore, Manifest
@@ -173,23 +172,15 @@ class Relay(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def relay():
-    servers = []
-
+def relay(http_servers):
     def start(upstream: str, send=None) -> tuple[str, list]:
         requests: list = []
         attrs = {"upstream": upstream, "requests": requests}
         if send is not None:
             attrs["send"] = staticmethod(send)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Relay,), attrs))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", requests
+        return http_servers(type("Handler", (Relay,), attrs)), requests
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 def largest_block(catalog, variant_id):
@@ -268,7 +259,7 @@ def test_downloads_cut_several_times_resume_and_install(tmp_path, embedded_broke
     load_variant(agent.installed, BlobStore(agent.device_dir / "blobs"))
 
 
-def test_an_oversized_manifest_or_blob_is_refused(tmp_path, synthetic_catalog):
+def test_an_oversized_manifest_or_blob_is_refused(tmp_path, synthetic_catalog, http_servers):
     vid = synthetic_catalog.variants[0].id
     manifest = synthetic_catalog.manifest(vid)
     block = manifest.blocks[0]
@@ -279,31 +270,21 @@ def test_an_oversized_manifest_or_blob_is_refused(tmp_path, synthetic_catalog):
                 body = b" " * (MAX_MANIFEST_BYTES + 1)
             else:
                 body = synthetic_catalog.store.read(block.sha256) + b"more than the manifest says"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply(self, body)
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Oversized)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        big = Assignment(vid, 1, f"{base}/manifests/{vid}/v1.json", manifest.sha256, manifest.total_bytes)
-        with pytest.raises(IntegrityError, match="larger than"):
-            install(big, tmp_path / "a")
-        from client.download import fetch_blob
+    base = http_servers(Oversized)
+    big = Assignment(vid, 1, f"{base}/manifests/{vid}/v1.json", manifest.sha256, manifest.total_bytes)
+    with pytest.raises(IntegrityError, match="larger than"):
+        install(big, tmp_path / "a")
 
-        store = BlobStore(tmp_path / "b" / "blobs")
-        with pytest.raises(IntegrityError, match="does not match"):
-            fetch_blob(f"{base}/blobs/{block.sha256}", block.sha256, block.size, store, tmp_path / "b" / "partial")
-        assert not store.has(block.sha256) and not (tmp_path / "b" / "partial" / block.sha256).exists()
-        assert not (tmp_path / "a" / "current.json").exists()
-    finally:
-        server.shutdown()
-        server.server_close()
+    store = BlobStore(tmp_path / "b" / "blobs")
+    with pytest.raises(IntegrityError, match="does not match"):
+        fetch_blob(f"{base}/blobs/{block.sha256}", block.sha256, block.size, store, tmp_path / "b" / "partial")
+    assert not store.has(block.sha256) and not (tmp_path / "b" / "partial" / block.sha256).exists()
+    assert not (tmp_path / "a" / "current.json").exists()
 
 
 # ---- the registry ------------------------------------------------------------------------------------------------

@@ -4,15 +4,14 @@ man in the middle on the artifacts' plain HTTP."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, device_agents,  # noqa: F401
                            embedded_broker_url, fleet_config, fleet_coordinator, profile_of, raw_clients,
-                           synthetic_catalog, wait_until)
+                           http_servers, reply, synthetic_catalog, wait_until)
 
 from client.download import install
 from client.fleet_sim import settled
@@ -111,31 +110,16 @@ class Tamper(BaseHTTPRequestHandler):
 
     def do_GET(self):
         with urllib.request.urlopen(self.upstream + self.path, timeout=10) as resp:
-            body = self.change(self.path, resp.read())
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            reply(self, self.change(self.path, resp.read()))
 
     def log_message(self, *args):
         pass
 
 
 @pytest.fixture
-def middleman():
-    servers = []
-
-    def start(upstream: str, change) -> str:
-        handler = type("Handler", (Tamper,), {"upstream": upstream, "change": staticmethod(change)})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def middleman(http_servers):
+    return lambda upstream, change: http_servers(type("Handler", (Tamper,), {"upstream": upstream,
+                                                                            "change": staticmethod(change)}))
 
 
 def test_a_manifest_changed_in_transit_is_refused(tmp_path, embedded_broker_url, synthetic_catalog, keys,
