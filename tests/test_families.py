@@ -6,6 +6,7 @@ variant's artifacts), and heterogeneous pairs stitch and train with gradients in
 Small inputs and narrow widths keep each model well under a second.
 """
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from fleet_helpers import (MARGIN, MIB, assert_assignment_ok, device_agents, embedded_broker_url,  # noqa: F401
+                           fleet_config, fleet_coordinator, profile_of)
+
+from client.fleet_sim import settled
+from shared.artifacts import BlobStore
 from shared.blocks import activation_specs, block_outputs, split_model
 from shared.build import build_catalog
-from shared.config import parse_config
+from shared.config import DeviceConfig, parse_config
 from shared.datasets import load_splits
 from shared.errors import ModelError
 from shared.models import create_model
@@ -181,8 +187,10 @@ def test_a_model_that_cannot_be_split_gets_one_clear_error(model, reason):
     assert "torch.fx" in info.value.hint and "timm" in info.value.hint
 
 
-def test_an_iot_pair_builds_its_catalog_offline_and_devices_rebuild_the_variants(tmp_path):
-    """fleet_configs/iot-convnext-atto-mobilenetv3-large.yaml offline: random init at 32 px, digits data."""
+def test_an_iot_pair_builds_its_catalog_offline_and_devices_rebuild_the_variants(tmp_path, embedded_broker_url,
+                                                                                 fleet_coordinator, device_agents):
+    """fleet_configs/iot-convnext-atto-mobilenetv3-large.yaml offline: random init at 32 px, digits data; then the
+    catalog goes through a coordinator and the embedded broker to a device, which runs what the build measured."""
     config = ROOT / "fleet_configs" / "iot-convnext-atto-mobilenetv3-large.yaml"
     cfg_dict = yaml.safe_load(config.read_text())
     for role in ("large", "small"):  # no hub: keep the random init (0 epochs), saved as the base checkpoint
@@ -208,3 +216,16 @@ def test_an_iot_pair_builds_its_catalog_offline_and_devices_rebuild_the_variants
                               list(bases["small"].blocks[rec.behind_cut:])).eval()
         with torch.no_grad():
             assert torch.equal(variant(x), again(x))
+
+    fleet = fleet_config(tmp_path, embedded_broker_url)
+    largest = max(catalog.variants, key=lambda r: r.memory_bytes + r.finetune_memory_bytes)
+    need_mb = (largest.memory_bytes + largest.finetune_memory_bytes) * (1 + MARGIN) / MIB
+    device = DeviceConfig("cam-iot", memory_mb=round(need_mb + 1, 3), compute=1.0, latency_ms=None, password="pw")
+    fleet = replace(fleet, devices=[device])
+    fleet_coordinator(fleet, catalog)
+    agent = device_agents(fleet, device)
+    assert agent.wait(settled, 120), agent.failure
+    assert_assignment_ok(catalog, profile_of(device), agent.installed.variant_id)
+    on_device = load_variant(agent.installed, BlobStore(agent.device_dir / "blobs")).eval()
+    rec = next(r for r in catalog.variants if r.id == agent.installed.variant_id)
+    assert evaluate(on_device, val) == rec.accuracy
