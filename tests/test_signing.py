@@ -9,6 +9,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, device_agents,  # noqa: F401
                            embedded_broker_url, fleet_config, fleet_coordinator, profile_of, raw_clients,
                            http_servers, reply, synthetic_catalog, wait_until)
@@ -18,7 +19,7 @@ from client.fleet_sim import settled
 from server.registry import open_registry
 from shared.errors import IntegrityError
 from shared.messages import Assignment, Desired, Refusal, decode_desired, encode, topic
-from shared.signing import SignatureError, canonical, generate_key, load_signer, load_verifier
+from shared.signing import SignatureError, Signer, Verifier, canonical, generate_key, load_signer, load_verifier
 
 
 @pytest.fixture
@@ -60,6 +61,29 @@ def test_a_signed_desired_state_verifies_and_anything_else_is_refused(keys):
 
 def test_the_canonical_form_is_independent_of_member_order():
     assert canonical({"b": 1, "a": [1.5, "é"]}) == b'{"a":[1.5,"\\u00e9"],"b":1}'
+
+
+def test_the_documented_vector_of_a_signed_desired_state():
+    """docs/PROTOCOL.md, "Signatures": a fixed test key (Ed25519 signatures are deterministic), the payload on the
+    wire, the canonical bytes the signature covers, and how canonical JSON writes numbers and non-ASCII text."""
+    signer = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))  # a published test key: never use it
+    state = Desired("dev-tiny", 1, "0123456789abcdef", "a1", None,
+                    Refusal("no variant fits", {"variant_id": "syn.1_3", "memory_mb": 14.4, "compute": None}))
+    wire = encode(state, signer)
+    assert signer.key_id == "56475aa75463474c"
+    assert wire == (b'{"v":1,"device_id":"dev-tiny","version":1,"assignment_id":"0123456789abcdef","request_id":"a1",'
+                    b'"assignment":null,"refusal":{"message":"no variant fits","smallest":{"variant_id":"syn.1_3",'
+                    b'"memory_mb":14.4,"compute":null}},"key_id":"56475aa75463474c","sig":"JY9FqAi1Vk6veIHjLd5orT8l'
+                    b'Ou/oT3vhbqEpHoSUkXxmv6exmkkqkANB0wJRzquVaAkViLJ8FOiNqOvINET0Dw=="}')
+    public = signer.private.public_key()
+    assert public.public_bytes_raw().hex() == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
+    assert decode_desired("dev-tiny", wire, Verifier({signer.key_id: public})) == state
+    signed = {k: v for k, v in json.loads(wire).items() if k not in ("key_id", "sig")}
+    assert canonical(signed) == (b'{"assignment":null,"assignment_id":"0123456789abcdef","device_id":"dev-tiny",'
+                                 b'"refusal":{"message":"no variant fits","smallest":{"compute":null,"memory_mb":14.4,'
+                                 b'"variant_id":"syn.1_3"}},"request_id":"a1","v":1,"version":1}')
+    assert canonical({"x": [50.0, 1e-05, 1e16, 2**53 - 1, -0.0, "\u2028\U0001F600"]}) == \
+        b'{"x":[50.0,1e-05,1e+16,9007199254740991,-0.0,"\\u2028\\ud83d\\ude00"]}'
 
 
 # ---- on a running fleet ---------------------------------------------------------------------------------------
