@@ -5,7 +5,9 @@ unanswered enrollment, and a heartbeat thread (so a long download does not make 
 answer arrives, so a coordinator that died before committing it gets it again, and one that had committed it
 answers the same way (idempotent). Presence: a retained `state` message, online on connect and offline as the
 last will, numbered with a connection sequence kept in the device folder so late news of an old connection
-cannot override a newer one.
+cannot override a newer one. The desired state's version only goes up for a device (the registry's promise), so
+the highest version followed is kept in the device folder too: an older state, even one the coordinator really
+signed, is a replay (a retained message put back by whoever can publish it) and is refused, across restarts.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageErro
 log = logging.getLogger("restnet.agent")
 
 RETRY_MAX_S = 60.0
+VERSION_FILE = "desired_version"  # in the device folder: the highest desired-state version followed
 
 
 class DeviceAgent:
@@ -65,13 +68,14 @@ class DeviceAgent:
         self.request_id = uuid.uuid4().hex[:16]
         self.answered = False  # the current request_id got its desired state (or an error)
         self.desired: Desired | None = None
-        self.errors: list[ErrorReply] = []
+        self.last_error: ErrorReply | None = None
         self.status: str | None = None  # last state reported for the current desired version
         self.failure: str | None = None
         data = current_manifest_bytes(self.device_dir)
         self.installed: Manifest | None = Manifest.from_bytes(data) if data else None
         self._installed_sha = sha256_bytes(data) if data else None
         self._applied: tuple[int, str] | None = None  # (desired version, assignment id) handled
+        self._followed = _followed_version(self.device_dir / VERSION_FILE)
         self._retry_at = 0.0
         self._retry_s = 1.0
         self._enrolled_at = 0.0
@@ -148,28 +152,39 @@ class DeviceAgent:
                 try:
                     desired = decode_desired(self.device_id, msg.payload, self.trusted)
                 except SignatureError as exc:
-                    self._refuse_unsigned(exc)
+                    self._refuse(f"desired state refused: {exc}")
                     return
+                if desired.version < self._followed:  # a replay, or late news in a cluster: not a failure to report
+                    reason = (f"desired state v{desired.version} ignored: this device already followed "
+                              f"v{self._followed} (a replayed message? after a registry reset, delete "
+                              f"{self.device_dir / VERSION_FILE})")
+                    log.warning("%s: %s", self.device_id, reason)
+                    with self._cond:
+                        self.failure = reason
+                        self._cond.notify_all()
+                    return
+                if desired.version > self._followed:
+                    atomic_write(self.device_dir / VERSION_FILE, str(desired.version).encode())
                 with self._cond:
-                    if self.desired is None or desired.version >= self.desired.version:
-                        self.desired = desired
+                    self._followed = max(self._followed, desired.version)
+                    self.desired = desired
                     if desired.request_id == self.request_id:
                         self.answered = True
                     self._cond.notify_all()
             else:
                 error = decode_error(msg.payload)
                 with self._cond:
-                    self.errors.append(error)
+                    self.last_error = error
                     if error.request_id == self.request_id:
                         self.answered = True
                     self._cond.notify_all()
         except MessageError as exc:
             log.warning("%s: ignoring a bad message on %s: %s", self.device_id, msg.topic, exc)
 
-    def _refuse_unsigned(self, exc: SignatureError) -> None:
+    def _refuse(self, reason: str) -> None:
         """A desired state the coordinator did not sign (a forged or replaced retained message, a broker that lets
         others publish): keep what is installed, and say so against the last instruction that did verify."""
-        reason = f"desired state refused: {exc}"[:500]
+        reason = reason[:500]
         log.warning("%s: %s", self.device_id, reason)
         with self._cond:
             self.failure, last = reason, self.desired
@@ -266,3 +281,11 @@ class DeviceAgent:
             self._applied = (desired.version, desired.assignment_id)
             self.status = status
             self._cond.notify_all()
+
+
+def _followed_version(path: Path) -> int:
+    try:
+        return int(path.read_text()) if path.is_file() else 0
+    except ValueError:  # written atomically, so only someone else's edit: start over rather than not at all
+        log.warning("%s is not a number: every desired-state version is accepted again", path)
+        return 0

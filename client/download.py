@@ -4,13 +4,15 @@ Layout of a device folder (what the Flower ClientApp loads):
   blobs/<sha256>     verified blocks (content-addressed, shared between versions and variants)
   partial/<sha256>   a block being downloaded; resumed with `Range` after an interruption
   current.json       the installed variant's manifest bytes, replaced atomically as the very last step
-A block whose bytes do not hash to its name is deleted and refused, and current.json is left as it was.
+A block whose bytes do not hash to its name is deleted and refused, and current.json is left as it was; a stored
+block damaged since is fetched again.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
 import json
+import logging
 import os
 import ssl
 import urllib.error
@@ -21,6 +23,8 @@ from shared.artifacts import BlobStore, Manifest, atomic_write, sha256_bytes
 from shared.errors import IntegrityError
 from shared.messages import Assignment
 from shared.signing import SignatureError, Verifier
+
+log = logging.getLogger("restnet.download")
 
 CHUNK = 1 << 16
 MAX_MANIFEST_BYTES = 16 << 20
@@ -58,16 +62,25 @@ def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None
                              f"assigned {assignment.variant_id} v{assignment.variant_version}")
     store = BlobStore(device_dir / "blobs")
     base = assignment.manifest_url.rsplit("/manifests/", 1)[0]
-    for block in manifest.blocks:
-        if not store.has(block.sha256):
-            fetch_blob(f"{base}/blobs/{block.sha256}", block.sha256, block.size, store,
-                       device_dir / "partial", context)
-    for block in manifest.blocks:  # every block of the variant, including ones already here
-        store.read(block.sha256)
+    for block in manifest.blocks:  # every block of the variant verified, including ones already here
+        if store.has(block.sha256) and _intact(store, block.sha256):
+            continue
+        fetch_blob(f"{base}/blobs/{block.sha256}", block.sha256, block.size, store, device_dir / "partial", context)
     if on_verified is not None:
         on_verified(manifest)
     atomic_write(device_dir / "current.json", data)
     return manifest
+
+
+def _intact(store: BlobStore, sha256: str) -> bool:
+    """A stored block still hashes to its name; a damaged one (disk, power loss) is deleted, to be fetched again."""
+    try:
+        store.read(sha256)
+        return True
+    except IntegrityError:
+        log.warning("block %s on disk is damaged: fetching it again", sha256[:12])
+        store.path(sha256).unlink(missing_ok=True)
+        return False
 
 
 def fetch_blob(url: str, sha256: str, size: int, store: BlobStore, partial_dir: Path,
@@ -104,6 +117,7 @@ def fetch_blob(url: str, sha256: str, size: int, store: BlobStore, partial_dir: 
     with open(part, "rb") as fh:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
+        os.fsync(fh.fileno())  # on disk before it gets its name: a power loss leaves a partial file, not a bad block
     if have != size or digest.hexdigest() != sha256:
         part.unlink(missing_ok=True)
         raise IntegrityError(f"block {sha256[:12]} from {url} does not match its sha256 (got {have} of {size} bytes)",

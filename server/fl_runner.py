@@ -1,7 +1,8 @@
 """Running a federated fine-tuning job on Flower's deployment engine, and closing the loop without a coordinator.
 
-- `SuperLink`: `flower-superlink --insecure --disable-runtime-dependency-installation` (offline: our
-  dependencies are already installed, Flower must not `uv sync`) on one HTTP port, in its own process group.
+- `SuperLink`: `flower-superlink` over TLS (with `--enable-supernode-auth` when asked), or `--insecure` when
+  given no certificates, and `--disable-runtime-dependency-installation` (offline: our dependencies are already
+  installed, Flower must not `uv sync`), on one HTTP port, in its own process group.
 - `flwr_run`: submits this project as a Flower app (`flwr run`, which bundles the project folder into a FAB that
   the SuperLink and SuperNodes unpack and import) with a run config, follows its log to the end and returns the
   run's final status. The `flwr` CLI gets a scratch FLWR_HOME whose config.toml names the SuperLink.

@@ -5,9 +5,14 @@ Flower passes a run config as flat key/values. pyproject.toml's `[tool.flwr.app.
 a default (for a plain `flwr run .`); `restnet` overrides all of them from the fleet config. The keys are named
 only here, and the defaults are the fleet config's (`shared.config.FederatedConfig`, `DataConfig`): a test holds
 pyproject's copy to them.
+
+Flower hands a run's config to every SuperNode, so no secret travels in it: the coordinator's API token is written
+to a file beside the run's results (owner-only), which the ServerApp reads on the same host, and the run config
+carries only that file's path.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +21,8 @@ from shared.config import Config, DataConfig
 from shared.errors import RestnetError
 from shared.node_data import data_from_flat, data_to_flat
 from shared.vocabulary import UPDATE_FORMATS
+
+TOKEN_FILE = "coordinator-token"
 
 
 @dataclass
@@ -38,7 +45,7 @@ class RunSettings:
     wait_nodes_timeout: float
     output_dir: Path | None
     coordinator_url: str
-    coordinator_token: str  # sent as `Authorization: Bearer` (the fleet config's api_token)
+    coordinator_token: str  # sent as `Authorization: Bearer` (the fleet config's api_token, read from its file)
     coordinator_ca: str  # CA file to verify an HTTPS coordinator ("" = the system's)
 
     @classmethod
@@ -58,22 +65,44 @@ class RunSettings:
             wait_nodes_timeout=float(cfg["wait-nodes-timeout"]),
             output_dir=Path(str(cfg["output-dir"])) if cfg["output-dir"] else None,
             coordinator_url=str(cfg["coordinator-url"]).rstrip("/"),
-            coordinator_token=str(cfg["coordinator-token"]), coordinator_ca=str(cfg["coordinator-ca"]),
+            coordinator_token=_read_token(str(cfg["coordinator-token-file"])),
+            coordinator_ca=str(cfg["coordinator-ca"]),
         )
 
 
 def run_config(cfg: Config, catalog_dir: Path | str, output_dir: Path | str, coordinator_url: str = "",
                min_nodes: int = 1, rounds: int | None = None) -> dict:
-    """The ServerApp's run config for a fleet config (every key of pyproject's [tool.flwr.app.config])."""
+    """The ServerApp's run config for a fleet config (every key of pyproject's [tool.flwr.app.config]); writes the
+    API token, if the fleet has one, to `output_dir/TOKEN_FILE`."""
     fed = cfg.federated
+    token_file = _write_token(Path(output_dir), cfg.fleet.api_token) if cfg.fleet.api_token else ""
     return {"catalog": _absolute(catalog_dir), "output-dir": _absolute(output_dir),
-            "coordinator-url": coordinator_url, "coordinator-token": cfg.fleet.api_token or "",
+            "coordinator-url": coordinator_url, "coordinator-token-file": token_file,
             "coordinator-ca": cfg.fleet.http_ca_file or "", "num-server-rounds": rounds or fed.rounds,
             "local-epochs": fed.local_epochs, "learning-rate": fed.lr, "batch-size": fed.batch_size,
             "aggregation": fed.aggregation, "update-format": UPDATE_FORMATS[fed.update_encoding],
             "trim-fraction": fed.trim_fraction, "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
             "query-timeout": fed.query_timeout_s, "min-nodes": min_nodes,
             "wait-nodes-timeout": fed.wait_nodes_timeout_s, **data_to_flat(cfg.data)}
+
+
+def _write_token(folder: Path, token: str) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token)
+    return _absolute(path)
+
+
+def _read_token(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise RestnetError(f"cannot read the coordinator's API token from {path}: {exc.strerror}",
+                           "the ServerApp must run where `restnet fl run` wrote its output folder") from None
 
 
 def _absolute(path: Path | str) -> str:

@@ -341,3 +341,55 @@ def test_a_registry_that_fails_publishes_and_acknowledges_nothing(tmp_path, post
         assert registry.device(retrying.id).request_id == agent.request_id
     finally:
         registry.close()
+
+
+def test_a_block_damaged_on_the_device_is_fetched_again(tmp_path, embedded_broker_url, synthetic_catalog,
+                                                        fleet_coordinator):
+    coordinator = fleet_coordinator(fleet_config(tmp_path, embedded_broker_url), synthetic_catalog)
+    vid = synthetic_catalog.variants[0].id
+    manifest = synthetic_catalog.manifest(vid)
+    assignment = Assignment(vid, 1, f"{coordinator.public_url}/manifests/{vid}/v1.json", manifest.sha256,
+                            manifest.total_bytes)
+    device = tmp_path / "device"
+    install(assignment, device)
+    store = BlobStore(device / "blobs")
+    block = largest_block(synthetic_catalog, vid)
+    damaged = bytearray(store.path(block.sha256).read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # a bit flipped on disk
+    store.path(block.sha256).write_bytes(bytes(damaged))
+
+    assert install(assignment, device).sha256 == manifest.sha256  # the next install repairs it ...
+    assert store.read(block.sha256)  # ... and the block hashes to its name again
+    load_variant(Manifest.from_bytes((device / "current.json").read_bytes()), store)
+
+
+def test_a_blob_that_never_ends_is_cut_just_past_its_declared_size(tmp_path, synthetic_catalog, http_servers):
+    """A hostile server streaming without end: the device stops reading once past the block's size (disk and time
+    bounded), instead of reading all of it to find that the hash does not match."""
+    vid = synthetic_catalog.variants[0].id
+    block = largest_block(synthetic_catalog, vid)
+    offered, sent = 256 << 20, []
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body ends when the connection does
+            total, chunk = 0, b"\0" * (1 << 16)
+            try:
+                while total < offered:
+                    self.wfile.write(chunk)
+                    total += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            sent.append(total)
+
+        def log_message(self, *args):
+            pass
+
+    store = BlobStore(tmp_path / "blobs")
+    with pytest.raises(IntegrityError, match="does not match"):
+        fetch_blob(f"{http_servers(Endless)}/blobs/{block.sha256}", block.sha256, block.size, store,
+                   tmp_path / "partial")
+    assert wait_until(lambda: sent, 30)
+    assert sent[0] < block.size + (16 << 20) < offered  # socket buffers aside, nothing past the size was read
+    assert not store.has(block.sha256) and not (tmp_path / "partial" / block.sha256).exists()

@@ -10,9 +10,10 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleet_helpers import (DEVICES, _synthetic_catalog_template, assert_assignment_ok, device_agents,  # noqa: F401
-                           embedded_broker_url, fleet_config, fleet_coordinator, profile_of, raw_clients,
-                           http_servers, reply, synthetic_catalog, wait_until)
+from fleet_helpers import (COORDINATOR_PASSWORD, COORDINATOR_USER, DEVICES,  # noqa: F401
+                           _synthetic_catalog_template, assert_assignment_ok, device_agents, embedded_broker_url,
+                           fleet_config, fleet_coordinator, http_servers, mosquitto_broker, profile_of, raw_clients,
+                           reply, synthetic_catalog, wait_until)
 
 from client.download import install
 from client.fleet_sim import settled
@@ -119,11 +120,39 @@ def test_devices_refuse_instructions_the_coordinator_did_not_sign(tmp_path, embe
         intruder.publish(topic(device.id, "desired"), payload, retain=True)
         assert wait_until(lambda: agent.failure is not None and why in agent.failure, 30)
         row = coordinator.registry.device(device.id)
-        assert wait_until(lambda: coordinator.registry.device(device.id).state == "failed", 30)
-        assert why in coordinator.registry.device(device.id).reason  # reported against the genuine assignment
+        assert wait_until(lambda: why in (coordinator.registry.device(device.id).reason or ""), 30)
+        assert coordinator.registry.device(device.id).state == "failed"  # reported against the genuine assignment
         assert agent.installed.sha256 == installed.sha256 and agent.desired == genuine  # nothing else changed
         agent.failure = None
     assert row.assignment_id == genuine.assignment_id
+
+
+def test_an_older_state_replayed_is_refused_even_after_a_restart(tmp_path, mosquitto_broker, keys, synthetic_catalog,
+                                                                  fleet_coordinator, device_agents, raw_clients):
+    """Signatures do not expire: v1, which the coordinator really signed, put back as the retained state after v2
+    (by whoever can publish it) must not take a restarted device back."""
+    fleet = fleet_config(tmp_path, "mqtt://unused", signing_key=keys["old"][0], trusted_keys=[keys["old"][1]])
+    fleet = replace(fleet, broker=replace(fleet.broker, url=mosquitto_broker(fleet).url))
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    device = DEVICES[1]
+    agent = device_agents(fleet, device)
+    assert agent.wait(settled, 60)
+    first = agent.desired
+    signed_v1 = coordinator.registry.device(device.id).desired  # exactly what was published, signature included
+    assert json.loads(signed_v1)["version"] == first.version and "sig" in json.loads(signed_v1)
+    agent.update_profile(profile_of(DEVICES[2]))  # a larger budget: another variant, the next version
+    assert agent.wait(lambda a: settled(a) and a.desired.version > first.version, 60)
+    assert agent.installed.variant_id != first.assignment.variant_id
+    upgraded = agent.installed.sha256
+    agent.stop()
+    coordinator.stop()  # nobody answers the restarted agent: only the replay reaches it
+
+    replayer = raw_clients(fleet.broker.url, "replayer", COORDINATOR_USER, COORDINATOR_PASSWORD)
+    assert not replayer.connect().is_failure
+    replayer.publish(topic(device.id, "desired"), signed_v1, retain=True)
+    again = device_agents(fleet, device)
+    assert wait_until(lambda: again.failure is not None and "already followed" in again.failure, 30)
+    assert again.desired is None and again.installed.sha256 == upgraded
 
 
 class Tamper(BaseHTTPRequestHandler):
