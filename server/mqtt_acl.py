@@ -14,6 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from shared.artifacts import atomic_write
 from shared.config import FleetConfig
 from shared.errors import ConfigError
 from shared.messages import PUBLISH_OVERHEAD, TOPIC_ROOT
@@ -109,6 +110,6 @@ def write_broker_files(fleet: FleetConfig, folder: Path | str, port: int = 1883,
         "conf": mosquitto_conf(folder, port, bind, tls, fleet.broker.max_payload, run_as),
     }
     for name, path in paths.items():
-        path.write_text(texts[name])
-        path.chmod(0o600 if name != "conf" else 0o644)
+        atomic_write(path, texts[name].encode())  # owner-only from the start
+    paths["conf"].chmod(0o644)
     return paths

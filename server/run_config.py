@@ -12,11 +12,11 @@ carries only that file's path.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from shared.artifacts import atomic_write
 from shared.config import Config, DataConfig
 from shared.errors import RestnetError
 from shared.node_data import data_from_flat, data_to_flat
@@ -87,11 +87,8 @@ def run_config(cfg: Config, catalog_dir: Path | str, output_dir: Path | str, coo
 
 
 def _write_token(folder: Path, token: str) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / TOKEN_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token)
+    atomic_write(path, token.encode())  # owner-only from the start
     return _absolute(path)
 
 

@@ -44,7 +44,8 @@ def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    """Write via a temp file in the same folder and rename, so readers never see half a file. The file is
+    readable by its owner only (mkstemp's mode 0600) until someone widens it: fit for secrets too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
