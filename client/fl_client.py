@@ -21,6 +21,7 @@ the manifest's sha256.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     from shared.training import cache_front_outputs, train_stitch_on_front
     from shared.updates import encode_delta
 
+    imported_at = time.time()
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
     manifest = Manifest.from_bytes((node.device_dir / CURRENT).read_bytes())
@@ -123,9 +125,10 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
              "partition_id": node.partition_id, "installed_version": manifest.version, "server_version": req.version,
              "received_sha256": sha256_bytes(tensors_to_bytes(state)),
              "sent_sha256": sha256_bytes(tensors_to_bytes(delta)), "front_key": key, "front_cached": cached,
-             # where the time went: process start (create time of this process), message received, variant
-             # loaded, front outputs ready (computed or read), then training
-             "process_started": _PROCESS_STARTED, "received_at": received_at, "loaded_at": loaded_at,
+             # where the time went: process start (create time of this process), message received, torch & co
+             # imported, variant loaded, front outputs ready (computed or read), then training
+             "pid": os.getpid(), "process_started": _PROCESS_STARTED, "received_at": received_at, "imported_at": imported_at,
+             "loaded_at": loaded_at,
              "front_at": front_at, **metrics}
     with open(node.device_dir / HISTORY, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
