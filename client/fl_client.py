@@ -102,6 +102,7 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     from shared.front_cache import CACHE_DIR, FrontCache, front_key
     from shared.training import cache_front_outputs, train_stitch_on_front
     from shared.updates import encode_delta
+    import shared.variants  # noqa: F401 - timm and torchvision: the rest of the heavy imports, timed with them
 
     imported_at = time.time()
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -127,9 +128,8 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
              "sent_sha256": sha256_bytes(tensors_to_bytes(delta)), "front_key": key, "front_cached": cached,
              # where the time went: process start (create time of this process), message received, torch & co
              # imported, variant loaded, front outputs ready (computed or read), then training
-             "pid": os.getpid(), "process_started": _PROCESS_STARTED, "received_at": received_at, "imported_at": imported_at,
-             "loaded_at": loaded_at,
-             "front_at": front_at, **metrics}
+             "pid": os.getpid(), "process_started": _PROCESS_STARTED, "received_at": received_at,
+             "imported_at": imported_at, "loaded_at": loaded_at, "front_at": front_at, **metrics}
     with open(node.device_dir / HISTORY, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
     return delta, metrics

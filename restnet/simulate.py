@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -81,7 +82,8 @@ def check_ray_address(address: str) -> str:
     """HOST:PORT of a reachable Ray head, or a one-line error saying what to do."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"--ray-address {address!r} is not HOST:PORT", "give the Ray head's address, e.g. 10.0.0.5:6379")
+        raise ConfigError(f"--ray-address {address!r} is not HOST:PORT",
+                          "give the Ray head's address, e.g. 10.0.0.5:6379")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
@@ -143,11 +145,15 @@ def run(args) -> int:
     started = time.monotonic()
     echo = None if args.quiet else (lambda line: print(f"  | {line}", file=sys.stderr))
     say(f"starting Flower's simulation engine{' on ' + ray_address if ray_address else ''}")
+    done = threading.Event()
+    progress = threading.Thread(target=follow_progress, args=(run_dir / "fl" / "events.jsonl", done), daemon=True)
     try:
         link.start()
+        progress.start()
         outcome = flwr_run(link.address, config, run_dir / "flwr-home", run_dir / "flower.log", link.security,
                            args.timeout, echo, federation_config=federation)
     finally:
+        done.set()
         link.stop()
     if not outcome.ok:
         raise RestnetError(f"the simulation ended {outcome.status}: {outcome.details}", f"see {run_dir / 'flower.log'}")
@@ -157,6 +163,22 @@ def run(args) -> int:
     print(f"\n{args.devices} virtual devices, {rounds} rounds in {time.monotonic() - started:.0f}s; "
           f"results in {run_dir}")
     return 0
+
+
+def follow_progress(events: Path, done: threading.Event) -> None:
+    """One line per step of the ServerApp (its events.jsonl): a run of thousands of devices takes minutes."""
+    seen = 0
+    while not done.wait(2.0):
+        text = events.read_text() if events.is_file() else ""
+        lines = text[:text.rfind("\n") + 1].splitlines()  # complete lines only: the ServerApp may be writing
+        for line in lines[seen:]:
+            e = json.loads(line)
+            if e["event"] == "discovered":
+                say(f"round {e['round']}: {len(e['nodes'])} devices asked to train")
+            elif e["event"] == "aggregated":
+                say(f"round {e['round']}: {e['variant_id']} {e['num_updates']}/{e['num_nodes']} updates, "
+                    f"accuracy {e['accuracy']:.2%}")
+        seen = len(lines)
 
 
 def say(msg: str) -> None:

@@ -81,14 +81,22 @@ def test_a_tampered_cache_file_is_recomputed(device):
     assert FrontCache(path.parent).load(first["front_key"]) is not None  # rewritten, verifiable again
 
 
-def test_a_consistent_file_for_another_key_is_not_trusted(device):
-    """A file with a matching digest but made for other data (its recorded key differs) is recomputed."""
+@pytest.mark.parametrize("forge", [
+    lambda key, front, labels: ({"front": front, "labels": labels}, {"key": "0" * 64, "format": FORMAT}),
+    lambda key, front, labels: ({"front": front, "labels": labels}, {"key": key, "format": "restnet.front-cache/0"}),
+    lambda key, front, labels: ({"front": front}, {"key": key, "format": FORMAT}),
+    lambda key, front, labels: ({"front": front, "labels": labels[:-1]}, {"key": key, "format": FORMAT}),
+    lambda key, front, labels: ({"front": front, "labels": labels.float()}, {"key": key, "format": FORMAT}),
+], ids=["another key", "another format", "no labels", "labels short", "float labels"])
+def test_a_consistent_file_that_does_not_fit_is_not_trusted(device, forge):
+    """A file whose digest matches but that was made for other data, by another release, or is incomplete is
+    recomputed."""
     node, manifest = device
     _, first = _train(node, manifest, 1)
     cache = FrontCache(node.device_dir / CACHE_DIR)
     good = cache.load(first["front_key"])
-    data = st_save({"front": good.tensors[0] * 0, "labels": good.tensors[1]},
-                   metadata={"key": "0" * 64, "format": FORMAT})
+    tensors, metadata = forge(first["front_key"], good.tensors[0] * 0, good.tensors[1])
+    data = st_save(tensors, metadata=metadata)
     data_path, digest_path = cache.paths(first["front_key"])
     data_path.write_bytes(data)
     digest_path.write_text(sha256_bytes(data))
