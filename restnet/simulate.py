@@ -4,8 +4,9 @@ The same ServerApp (`server/fl_server.py`) and ClientApp (`client/fl_client.py`)
 with `flwr run` to a SuperLink started with `--simulation` (Ray runs the ClientApps). Virtual device i takes the
 budget of the fleet config's device i mod len(devices), gets the variant the coordinator's assignment rule
 (`server.assignment.Assigner`) gives that budget, and owns partition i of N of the training split (IID or
-Dirichlet). Devices on the same variant share one installed-variant folder (`<out>/variants/<id>/`), whose
-front-output cache holds one entry per partition: a virtual device costs its few examples, not a model.
+Dirichlet); a device that no variant fits keeps its partition unused and is no Flower node. Devices on the same
+variant share one installed-variant folder (`<out>/variants/<id>/`), whose front-output cache holds one entry
+per partition: a virtual device costs its few examples, not a model.
 """
 from __future__ import annotations
 
@@ -127,18 +128,19 @@ def run(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     variants = assign(cfg, catalog, args.devices)
     install_variants(catalog, {v for v in variants if v}, run_dir)
-    write_simulation(run_dir, [f"variants/{v}" if v else None for v in variants], cfg.data, cfg.federated.partition)
+    nodes = [(i, f"variants/{v}") for i, v in enumerate(variants) if v]  # refused devices train nothing
+    write_simulation(run_dir, nodes, args.devices, cfg.data, cfg.federated.partition)
     counts = Counter(v or "(refused)" for v in variants)
     say(f"{args.devices} virtual devices: " + ", ".join(f"{v} x{c}" for v, c in sorted(counts.items())))
-    if not any(variants):
+    if not nodes:
         raise RestnetError("no variant fits any device budget of the config", "raise fleet.devices' memory_mb")
 
-    config = run_config(cfg, catalog_dir, run_dir / "fl", min_nodes=args.devices, rounds=args.rounds,
+    config = run_config(cfg, catalog_dir, run_dir / "fl", min_nodes=len(nodes), rounds=args.rounds,
                         simulation_dir=run_dir)
     config["round-timeout"] = config["query-timeout"] = args.timeout  # thousands of devices on a few cores
     # One Ray CPU per ClientApp actor (Flower 1.41 takes whole CPUs here). Locally, Ray's CPU count is the number
     # of actors (logical CPUs: more than the cores makes more actors per core); a cluster offers its own CPUs.
-    federation = {"num-supernodes": args.devices, "client-resources-num-cpus": 1, "init-args-log-to-driver": False}
+    federation = {"num-supernodes": len(nodes), "client-resources-num-cpus": 1, "init-args-log-to-driver": False}
     if not ray_address:
         federation["init-args-num-cpus"] = args.actors or os.cpu_count() or 1
     link = SuperLink(run_dir / "flower", simulation=True, env={"RAY_ADDRESS": ray_address} if ray_address else {})

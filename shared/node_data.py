@@ -6,7 +6,7 @@ device with its own data uses `num-partitions = 1`.
 
 On Flower's simulation engine a virtual SuperNode's node config holds only `partition-id` and `num-partitions`;
 the run config's `simulation-dir` then names a folder whose `simulation.json` (`write_simulation`) says which
-variant folder each virtual device runs and which data it owns (`NodeData.from_context`).
+virtual device each node is: the variant folder it runs and the partition it owns (`NodeData.from_context`).
 """
 from __future__ import annotations
 
@@ -75,12 +75,11 @@ class NodeData:
         if not sim_dir:
             return cls.from_node_config(node_config)
         sim = json.loads((Path(sim_dir) / SIMULATION_FILE).read_text())
-        part = int(node_config["partition-id"])
         if int(node_config["num-partitions"]) != len(sim["devices"]):
-            raise ConfigError(f"the simulation has {len(sim['devices'])} virtual devices, Flower runs "
+            raise ConfigError(f"the simulation has {len(sim['devices'])} virtual devices with a variant, Flower runs "
                               f"{node_config['num-partitions']}", "start it with `restnet fl simulate`")
-        device = sim["devices"][part]
-        return cls(Path(sim_dir) / (device or "refused"), data_from_flat(sim["data"]), part, len(sim["devices"]),
+        index, folder = sim["devices"][int(node_config["partition-id"])]
+        return cls(Path(sim_dir) / folder, data_from_flat(sim["data"]), int(index), int(sim["num_devices"]),
                    PartitionConfig(**sim["partition"]))
 
     def train_partition_description(self) -> dict:
@@ -121,10 +120,12 @@ def _train_split(data: DataConfig):
         _TRAIN_SPLITS[key] = load_splits(data)[0]
     return _TRAIN_SPLITS[key]
 
-def write_simulation(sim_dir: Path, device_dirs: list[str | None], data: DataConfig,
+def write_simulation(sim_dir: Path, devices: list[tuple[int, str]], num_devices: int, data: DataConfig,
                      partition: PartitionConfig) -> Path:
-    """`simulation.json`: virtual device i runs the variant folder `device_dirs[i]` (relative to `sim_dir`; None:
-    no variant fits it) on partition i of `len(device_dirs)`."""
+    """`simulation.json`: Flower's virtual node j is the virtual device `devices[j] = (i, folder)`: it runs the
+    variant installed in `folder` (relative to `sim_dir`) on partition i of `num_devices`. Devices that no variant
+    fits hold a partition but no node."""
     path = Path(sim_dir) / SIMULATION_FILE
-    path.write_text(json.dumps({"devices": device_dirs, "data": data_to_flat(data), "partition": asdict(partition)}))
+    path.write_text(json.dumps({"devices": devices, "num_devices": num_devices, "data": data_to_flat(data),
+                                "partition": asdict(partition)}))
     return path
