@@ -63,18 +63,18 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool) -> None:
+def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool, log=say) -> None:
     """Build the catalog into `base` unless one built from the same settings is already there."""
     from shared.build import build_catalog
 
     stamp = base / ".config-digest"
     digest = config_digest(cfg)
     if not rebuild and stamp.is_file() and stamp.read_text() == digest and (base / "catalog.json").is_file():
-        say(f"reusing the catalog in {base} (built from the same settings; --rebuild to build again)")
+        log(f"reusing the catalog in {base} (built from the same settings; delete it to build it again)")
         return
     shutil.rmtree(base, ignore_errors=True)
-    say("building the catalog: training two base models, stitching and fine-tuning the stitches (a few minutes)")
-    build_catalog(cfg, base, progress=progress, log=say)
+    log("building the catalog: training two base models, stitching and fine-tuning the stitches (a few minutes)")
+    build_catalog(cfg, base, progress=progress, log=log)
     stamp.write_text(digest)
 
 

@@ -121,7 +121,7 @@ def run(args) -> int:
         from restnet.demo import ensure_catalog
 
         catalog_dir = out / "catalog"
-        ensure_catalog(cfg, catalog_dir, rebuild=False, progress=not args.quiet)
+        ensure_catalog(cfg, catalog_dir, rebuild=False, progress=not args.quiet, log=say)
     catalog = Catalog.load(catalog_dir)
 
     run_dir = out / time.strftime("%Y%m%d-%H%M%S")
