@@ -5,19 +5,28 @@ The node config (written by `client.supernode`) says where the device keeps its 
 
 - query: answer with the installed variant id and version (cheap: no torch, no model).
 - train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
-  train only the stitching layer on the local partition with the frozen front's outputs computed once, and
-  return only the change to the stitching weights (in the update format the server asked for, float16 or int8:
+  train only the stitching layer on the frozen front's outputs for the local partition, and return only the
+  change to the stitching weights (in the update format the server asked for, float16 or int8:
   `shared.updates`), the example count and metrics.
-  Every training request is appended to `<device-dir>/fl_history.jsonl` (what was received, what was sent back).
+  The front's outputs are kept in `<device-dir>/front-cache/` (`shared.front_cache`: keyed by the front blocks'
+  sha256s and the partition, verified on reuse), so only a device's first round runs the front.
+  Every training request is appended to `<device-dir>/fl_history.jsonl` (what was received, what was sent back,
+  whether the front ran, and where the time went).
 
-Flower starts one ClientApp process per message, so nothing is kept in memory between rounds.
+A SuperNode starts one ClientApp process per message (in Flower 1.41 with either isolation mode: `process` only
+moves the spawning to a separate `flower-superexec`; `benchmarks/round_bench.py`); a process that serves many
+messages (the simulation engine's actors) also keeps the loaded variants in memory (`_loaded_variant`), keyed by
+the manifest's sha256.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,6 +37,7 @@ from shared.vocabulary import FLOAT16, UPDATE_FORMATS
 
 CURRENT = "current.json"
 HISTORY = "fl_history.jsonl"
+_PROCESS_STARTED = psutil.Process().create_time()
 
 
 def installed_variant(device_dir: Path) -> dict:
@@ -62,34 +72,64 @@ class TrainRequest:
                    float(cfg["learning-rate"]), int(cfg["batch-size"]), wanted)
 
 
-def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 0) -> tuple[dict, dict]:
+_LOADED: dict[tuple[str, str], object] = {}  # (device dir, manifest sha256) -> the verified model
+_LOADED_MAX = 8
+
+
+def _loaded_variant(device_dir: Path, manifest):
+    """The installed variant as a model, loaded (and verified) once per process: blobs are immutable and named by
+    their hash, and a new version has a new manifest sha256, hence a new entry."""
+    from shared.artifacts import BlobStore
+    from shared.variants import load_variant
+
+    key = (str(device_dir), manifest.sha256)
+    if key not in _LOADED:
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = load_variant(manifest, BlobStore(device_dir / "blobs"))
+    return _LOADED[key]
+
+
+def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 0,
+                 received_at: float | None = None) -> tuple[dict, dict]:
     """Train the installed variant's stitching layer from the received `arrays` (numpy, as they arrive);
     returns (the change to send back, in the requested update format; metrics)."""
+    received_at = received_at or time.time()
     # Imported here, not at the top: torch costs seconds and a query never needs it.
     import torch
 
-    from shared.artifacts import BlobStore, Manifest, sha256_bytes, tensors_to_bytes
-    from shared.variants import load_variant
-    from shared.training import finetune_stitch
+    from shared.artifacts import Manifest, sha256_bytes, tensors_to_bytes
+    from shared.front_cache import CACHE_DIR, FrontCache, front_key
+    from shared.training import cache_front_outputs, train_stitch_on_front
     from shared.updates import encode_delta
+    import shared.variants  # noqa: F401 - timm and torchvision: the rest of the heavy imports, timed with them
 
+    imported_at = time.time()
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
     manifest = Manifest.from_bytes((node.device_dir / CURRENT).read_bytes())
     if manifest.variant_id != req.variant_id:
         raise IntegrityError(f"asked to train {req.variant_id} but {manifest.variant_id} is installed",
                              "the device was re-assigned; the server asks again next round")
-    model = load_variant(manifest, BlobStore(node.device_dir / "blobs"))
+    model = _loaded_variant(node.device_dir, manifest)
     model.load_stitch_state(state)  # refuses weights of another shape, dtype, or with NaN/inf
-    data = node.load_train_partition()
+    loaded_at = time.time()
+    key = front_key(manifest, node.train_partition_description())
+    front, cached = FrontCache(node.device_dir / CACHE_DIR).get_or_compute(
+        key, lambda: cache_front_outputs(model, node.load_train_partition()))
+    front_at = time.time()
     seed = 1000 * req.round + node.partition_id  # repeatable per device and round: shuffling, int8 rounding
-    stats = finetune_stitch(model, data, req.epochs, req.lr, req.batch_size, seed=seed)
+    stats = train_stitch_on_front(model, front, req.epochs, req.lr, req.batch_size, seed=seed)
     delta = encode_delta(state, model.stitch_state(), req.update_format, seed=seed)
-    metrics = {"num-examples": len(data), "train-loss": float(stats["loss"]), "train-seconds": float(stats["seconds"])}
+    metrics = {"num-examples": len(front), "train-loss": float(stats["loss"]), "train-seconds": float(stats["seconds"])}
     entry = {"time": time.time(), "run_id": str(run_id), "round": req.round, "variant_id": manifest.variant_id,
-             "installed_version": manifest.version, "server_version": req.version,
+             "partition_id": node.partition_id, "installed_version": manifest.version, "server_version": req.version,
              "received_sha256": sha256_bytes(tensors_to_bytes(state)),
-             "sent_sha256": sha256_bytes(tensors_to_bytes(delta)), **metrics}
+             "sent_sha256": sha256_bytes(tensors_to_bytes(delta)), "front_key": key, "front_cached": cached,
+             # where the time went: process start (create time of this process), message received, torch & co
+             # imported, variant loaded, front outputs ready (computed or read), then training
+             "pid": os.getpid(), "process_started": _PROCESS_STARTED, "received_at": received_at,
+             "imported_at": imported_at, "loaded_at": loaded_at, "front_at": front_at, **metrics}
     with open(node.device_dir / HISTORY, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
     return delta, metrics
@@ -100,16 +140,17 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node = NodeData.from_node_config(context.node_config)
+    node = NodeData.from_context(context.node_config, context.run_config)
     return Message(RecordDict({"variant": ConfigRecord(installed_variant(node.device_dir))}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node = NodeData.from_node_config(context.node_config)
+    received_at = time.time()
+    node = NodeData.from_context(context.node_config, context.run_config)
     req = TrainRequest.from_record(msg.content.config_records["config"])
     arrays = {k: a.numpy() for k, a in msg.content.array_records["stitch"].items()}
-    delta, metrics = local_update(node, req, arrays, context.run_id)
+    delta, metrics = local_update(node, req, arrays, context.run_id, received_at)
     content = RecordDict({"stitch-delta": ArrayRecord(delta), "metrics": MetricRecord(metrics),
                           "variant": ConfigRecord({"variant-id": req.variant_id,
                                                    "update-format": req.update_format})})

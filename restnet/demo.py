@@ -63,18 +63,18 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool) -> None:
+def ensure_catalog(cfg, base: Path, rebuild: bool, progress: bool, log=say) -> None:
     """Build the catalog into `base` unless one built from the same settings is already there."""
     from shared.build import build_catalog
 
     stamp = base / ".config-digest"
     digest = config_digest(cfg)
     if not rebuild and stamp.is_file() and stamp.read_text() == digest and (base / "catalog.json").is_file():
-        say(f"reusing the catalog in {base} (built from the same settings; --rebuild to build again)")
+        log(f"reusing the catalog in {base} (built from the same settings; delete it to build it again)")
         return
     shutil.rmtree(base, ignore_errors=True)
-    say("building the catalog: training two base models, stitching and fine-tuning the stitches (a few minutes)")
-    build_catalog(cfg, base, progress=progress, log=say)
+    log("building the catalog: training two base models, stitching and fine-tuning the stitches (a few minutes)")
+    build_catalog(cfg, base, progress=progress, log=log)
     stamp.write_text(digest)
 
 
@@ -85,10 +85,21 @@ def pin_threads(count: int = THREADS) -> None:
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(count)
+    # glibc gives each thread that allocates its own malloc arena (64 MiB of address space each, partly resident);
+    # the Flower processes run gRPC and HTTP threads that need none of that.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     torch.set_num_threads(count)
 
 
 def run(args) -> int:
+    """The demo, its whole process tree's resident memory sampled throughout (printed at the end)."""
+    from restnet.memory import TreeMemory
+
+    with TreeMemory() as memory:
+        return _run(args, memory)
+
+
+def _run(args, memory) -> int:
     from client.fleet_sim import describe, start_fleet, wait_settled
     from shared.processes import free_port
     from client.supernode import SuperNodeManager
@@ -171,6 +182,9 @@ def run(args) -> int:
         plots = write_plots(as_delivered, report, results, out)
         print(f"\nplots: {', '.join(str(p) for p in plots)}")
         print(f"results: {out / 'demo.json'}; metrics were at {coordinator.public_url}/metrics")
+        report["memory"] = {"peak_rss_bytes": memory.peak_rss, "peak_pss_bytes": memory.peak_pss,
+                            "processes": memory.peak_processes, "at_peak_by_process": memory.peak_by_name}
+        print(memory.summary())
         (out / "demo.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
         say(f"done in {time.monotonic() - started:.0f}s")
         if args.linger > 0:

@@ -46,6 +46,10 @@ def add_parsers(subparsers) -> None:
     r.add_argument("--quiet", action="store_true", help="do not echo the run's log")
     r.set_defaults(func=run)
 
+    from restnet.simulate import add_parser as add_simulate_parser
+
+    add_simulate_parser(sub)
+
     g = sub.add_parser("register", help="admit devices' SuperNodes to a SuperLink that authenticates them",
                        description="Registers each public key (`restnet keys supernode` writes them) with the "
                                    "SuperLink (started with --enable-supernode-auth), through Flower's CLI.")
@@ -63,7 +67,7 @@ def run(args) -> int:
     from server.run_config import run_config
     from shared.catalog import Catalog
     from shared.config import load_config
-    from shared.tables import format_table, pct
+    from restnet.fl_tables import rounds_table
 
     cfg = load_config(args.config)
     if args.superlink and args.tls_dir:
@@ -108,11 +112,7 @@ def run(args) -> int:
         raise RestnetError(f"Flower run {outcome.run_id} ended {outcome.status}: {outcome.details}",
                            f"see {run_dir / 'flower.log'}")
     results = json.loads((run_dir / "results.json").read_text())
-    rows = [[r["round"], r["variant_id"], pct(r["accuracy"]), f"{r['num_updates']}/{r['num_nodes']}",
-             r["num_examples"], ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "-",
-             r["dropped"], r["failed"], r["update_bytes"]] for r in results["rounds"]]
-    print(format_table(["round", "variant", "accuracy", "updates", "examples", "rejected", "dropped", "failed",
-                        "update bytes"], rows))
+    print(rounds_table(results))
     print(f"\nrun {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f}s; results in {run_dir}")
     if args.coordinator:
         print("new stitching weights were handed to the coordinator, which versions and delivers them")

@@ -67,10 +67,13 @@ class SuperLink:
     given certificates (and then, with `node_auth`, admitting registered SuperNodes only), else plain HTTP."""
 
     def __init__(self, state_dir: Path, port: int | None = None, tls: SuperLinkTLS | None = None,
-                 node_auth: bool = False):
+                 node_auth: bool = False, simulation: bool = False, env: dict | None = None):
+        """`simulation`: runs go to Flower's simulation engine (Ray) instead of connected SuperNodes; `env`: extra
+        environment of the SuperLink and the processes it starts (e.g. RAY_ADDRESS)."""
         if node_auth and tls is None:
             raise ConfigError("SuperNode authentication needs TLS", "give the SuperLink its certificates")
         self.state_dir, self.port, self.tls, self.node_auth = Path(state_dir), port, tls, node_auth
+        self.simulation, self.env = simulation, dict(env or {})
         self.security = LinkSecurity(tls.ca) if tls else INSECURE  # what clients of this SuperLink use
         self.process: ManagedProcess | None = None
 
@@ -80,10 +83,10 @@ class SuperLink:
 
     def _process(self, port: int) -> ManagedProcess:
         cmd = [flower_executable("flower-superlink"), *(self.tls.args() if self.tls else ["--insecure"]),
-               *(["--enable-supernode-auth"] if self.node_auth else []), "--disable-runtime-dependency-installation",
-               "--host", HOST, "--port", str(port)]
+               *(["--enable-supernode-auth"] if self.node_auth else []), *(["--simulation"] if self.simulation else []),
+               "--disable-runtime-dependency-installation", "--host", HOST, "--port", str(port)]
         return ManagedProcess("superlink", cmd, self.state_dir / "superlink.log",
-                              env={"FLWR_HOME": str(self.state_dir / "superlink-home")}, ports=(port,))
+                              env={"FLWR_HOME": str(self.state_dir / "superlink-home"), **self.env}, ports=(port,))
 
     def start(self, timeout: float = 60.0) -> "SuperLink":
         """Start on the given port, or on a free one (self.port says which)."""
@@ -145,13 +148,18 @@ def register_supernode(superlink_address: str, security: LinkSecurity, public_ke
 
 
 def flwr_run(superlink_address: str, config: dict, flwr_home: Path, log_path: Path, security: LinkSecurity,
-             timeout: float = 3600.0, echo=None) -> RunOutcome:
-    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status."""
+             timeout: float = 3600.0, echo=None, federation_config: dict | None = None) -> RunOutcome:
+    """Submit this project as a Flower run, follow its log into `log_path` (and `echo`), return its final status.
+    `federation_config`: the simulation engine's settings (`num-supernodes`, `client-resources-num-cpus`, ...)
+    for a SuperLink started with `simulation=True`."""
     flwr_home = _connect(flwr_home, superlink_address, security)
     overrides = flwr_home / "run-config.toml"
     overrides.write_text(tomli_w.dumps(config))
     started = time.monotonic()
-    run_id = str(_flwr_json(["run", str(app_dir()), CONNECTION, "--run-config", str(overrides)], flwr_home)["run-id"])
+    federation = [arg for k, v in (federation_config or {}).items()
+                  for arg in ("--federation-config", f"{k}={json.dumps(v)}")]
+    run_id = str(_flwr_json(["run", str(app_dir()), CONNECTION, "--run-config", str(overrides), *federation],
+                            flwr_home)["run-id"])
     deadline = time.monotonic() + timeout
     _follow_log(run_id, flwr_home, Path(log_path), timeout, echo)
     while True:  # the log stream ends with the run, or earlier if its connection broke: ask for the status

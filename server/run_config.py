@@ -71,9 +71,10 @@ class RunSettings:
 
 
 def run_config(cfg: Config, catalog_dir: Path | str, output_dir: Path | str, coordinator_url: str = "",
-               min_nodes: int = 1, rounds: int | None = None) -> dict:
+               min_nodes: int = 1, rounds: int | None = None, simulation_dir: Path | str = "") -> dict:
     """The ServerApp's run config for a fleet config (every key of pyproject's [tool.flwr.app.config]); writes the
-    API token, if the fleet has one, to `output_dir/TOKEN_FILE`."""
+    API token, if the fleet has one, to `output_dir/TOKEN_FILE`. `simulation_dir`: the virtual devices of
+    `restnet fl simulate` (read by the ClientApp, `shared.node_data`)."""
     fed = cfg.federated
     token_file = _write_token(Path(output_dir), cfg.fleet.api_token) if cfg.fleet.api_token else ""
     return {"catalog": _absolute(catalog_dir), "output-dir": _absolute(output_dir),
@@ -83,7 +84,8 @@ def run_config(cfg: Config, catalog_dir: Path | str, output_dir: Path | str, coo
             "aggregation": fed.aggregation, "update-format": UPDATE_FORMATS[fed.update_encoding],
             "trim-fraction": fed.trim_fraction, "norm-bound": fed.norm_bound, "round-timeout": fed.round_timeout_s,
             "query-timeout": fed.query_timeout_s, "min-nodes": min_nodes,
-            "wait-nodes-timeout": fed.wait_nodes_timeout_s, **data_to_flat(cfg.data)}
+            "wait-nodes-timeout": fed.wait_nodes_timeout_s, "simulation-dir": _absolute(simulation_dir),
+            **data_to_flat(cfg.data)}
 
 
 def _write_token(folder: Path, token: str) -> str:

@@ -126,3 +126,17 @@ def finetune_stitch(model: nn.Module, dataset: TensorDataset, epochs: int, lr: f
     """Stitch-only fine-tuning with plain arguments (what a federated client calls)."""
     cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size)
     return finetune(model, dataset, cfg, "stitch", cached, "stitch", progress, seed)
+
+
+def train_stitch_on_front(model: nn.Module, front_outputs: TensorDataset, epochs: int, lr: float,
+                          batch_size: int = 32, momentum: float = 0.9, seed: int = 0) -> dict:
+    """Stitch-only training on front outputs computed beforehand (a federated client's cache): the same steps
+    as `finetune_stitch`, without the front pass."""
+    torch.manual_seed(seed)
+    model.set_strategy("stitch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=0.0, batch_size=batch_size)
+    model.train()
+    stats = fit(model.forward_from_front, params, front_outputs, cfg, "stitch", False, seed, augment=False)
+    model.eval()
+    return stats

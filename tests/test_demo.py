@@ -88,6 +88,14 @@ def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
     assert "acc after FL" in table and "acc delivered" in table
 
 
+def test_the_demo_prints_the_peak_memory_of_its_whole_process_tree(demo_run):
+    """Sampled over every process the demo started (SuperLink, SuperNodes, their ServerApp and ClientApps)."""
+    assert "peak resident memory of the demo's" in demo_run["stdout"]
+    memory = json.loads((demo_run["root"] / "out" / "demo.json").read_text())["memory"]
+    assert memory["processes"] > 1 + 2 * len(demo_run["cfg"]["fleet"]["devices"])  # SuperNodes + their superexecs
+    assert memory["peak_rss_bytes"] > memory["peak_pss_bytes"] > 0  # torch's shared pages count once in PSS
+
+
 def test_the_catalog_rises_with_size_as_delivered(demo_run):
     """Before any federated round: accuracy follows size (Spearman >= 0.8), no variant falls more than two
     validation examples below a smaller one, and the largest comes within about a point of the large model."""
