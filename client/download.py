@@ -4,7 +4,10 @@ Layout of a device folder (what the Flower ClientApp loads):
   blobs/<sha256>     verified blocks (content-addressed, shared between versions and variants)
   partial/<sha256>   a block being downloaded; resumed with `Range` after an interruption
   current.json       the installed variant's manifest bytes, replaced atomically as the very last step
-A block whose bytes do not hash to its name is deleted and refused, and current.json is left as it was.
+  rungs/<sha256>.json, ladder.json   a ladder's manifests and its rungs in order (`client.ladder_store`), for a device
+                     with a storage budget; written after every rung verified, before current.json (the top rung)
+A block whose bytes do not hash to its name is deleted and refused, and current.json is left as it was; a ladder
+with one rung that fails verification changes nothing at all: the device keeps what it runs.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 
 from shared.artifacts import BlobStore, Manifest, atomic_write, sha256_bytes
 from shared.errors import IntegrityError
-from shared.messages import Assignment
+from client.ladder_store import RUNGS_DIR, drop_ladder, write_ladder
+from shared.messages import Assignment, Rung
 from shared.signing import SignatureError, Verifier
 
 CHUNK = 1 << 16
@@ -40,8 +44,35 @@ def current_manifest_bytes(device_dir: Path) -> bytes | None:
 def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None,
             on_verified=None, trusted: Verifier | None = None) -> Manifest:
     """Make `assignment` the device's current variant, downloading only the blocks it lacks. With `trusted`
-    keys the manifest's own signature must verify too."""
+    keys the manifest's own signature must verify too. A ladder held before is dropped (one variant now)."""
     device_dir = Path(device_dir)
+    data, manifest = fetch_verified(assignment, device_dir, ca_file, trusted)
+    if on_verified is not None:
+        on_verified(manifest)
+    atomic_write(device_dir / "current.json", data)
+    drop_ladder(device_dir)
+    return manifest
+
+
+def install_ladder(rungs: list[Rung], device_dir: Path, ca_file: str | None = None, on_verified=None,
+                   trusted: Verifier | None = None) -> list[Manifest]:
+    """Make a ladder the device's: every rung fetched and verified (manifest sha256 and signature, every block)
+    before anything is switched; then the rungs' manifests, `ladder.json`, and `current.json` (the top rung)."""
+    device_dir = Path(device_dir)
+    fetched = [fetch_verified(rung, device_dir, ca_file, trusted) for rung in rungs]
+    if on_verified is not None:
+        on_verified(fetched[0][1])
+    for rung, (data, _) in zip(rungs, fetched):
+        atomic_write(device_dir / RUNGS_DIR / f"{rung.manifest_sha256}.json", data)
+    write_ladder(device_dir, rungs)
+    atomic_write(device_dir / "current.json", fetched[0][0])
+    return [m for _, m in fetched]
+
+
+def fetch_verified(assignment: Assignment | Rung, device_dir: Path, ca_file: str | None = None,
+                   trusted: Verifier | None = None) -> tuple[bytes, Manifest]:
+    """A variant's manifest bytes and manifest, its blocks in the blob store, everything verified; the device's
+    current variant is not touched."""
     context = ssl.create_default_context(cafile=ca_file) if assignment.manifest_url.startswith("https:") else None
     data = _get(assignment.manifest_url, context, limit=MAX_MANIFEST_BYTES)
     if sha256_bytes(data) != assignment.manifest_sha256:
@@ -64,10 +95,7 @@ def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None
                        device_dir / "partial", context)
     for block in manifest.blocks:  # every block of the variant, including ones already here
         store.read(block.sha256)
-    if on_verified is not None:
-        on_verified(manifest)
-    atomic_write(device_dir / "current.json", data)
-    return manifest
+    return data, manifest
 
 
 def fetch_blob(url: str, sha256: str, size: int, store: BlobStore, partial_dir: Path,
