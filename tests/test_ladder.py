@@ -290,3 +290,100 @@ def test_the_signature_covers_the_rungs(tmp_path):
     d["rungs"][1]["memory_mb"] = 30.0  # a broker-side edit: keep the bigger rung longer
     with pytest.raises(SignatureError):
         decode_desired("dev-large", json.dumps(d).encode(), verifier)
+
+
+def test_a_switched_status_names_its_rung_and_a_budget_is_in_range():
+    from shared.messages import MessageError, decode
+
+    status = {"v": 2, "device_id": "d", "assignment_id": "a1", "state": "SWITCHED", "variant_id": SMALL}
+    assert decode("status", "d", json.dumps(status).encode()).variant_id == SMALL
+    for bad, says in (({**status, "variant_id": None}, "must name the rung"), ({**status, "v": 1}, "has no state")):
+        with pytest.raises(MessageError, match=says):
+            decode("status", "d", json.dumps(bad).encode())
+    enroll = {"v": 2, "device_id": "d", "request_id": "r1",
+              "profile": {"memory_mb": 50, "compute": 1, "latency_ms": None, "agent_version": "t", "storage_mb": 4}}
+    assert decode("enroll", "d", json.dumps(enroll).encode()).profile.storage_mb == 4
+    for storage in (0, -1, 1e10, True, "4"):
+        enroll["profile"]["storage_mb"] = storage
+        with pytest.raises(MessageError, match="storage_mb"):
+            decode("enroll", "d", json.dumps(enroll).encode())
+
+
+def test_a_configured_storage_budget_out_of_range_is_a_one_line_error(tmp_path):
+    from conftest import tiny_config_dict
+    from shared.config import parse_config
+    from shared.errors import ConfigError
+
+    cfg = tiny_config_dict()
+    cfg["fleet"] = {"devices": [{"id": "d1", "memory_mb": 10, "storage_mb": 4}]}
+    assert parse_config(cfg, "t").fleet.devices[0].storage_mb == 4
+    cfg["fleet"]["devices"][0]["storage_mb"] = -1
+    with pytest.raises(ConfigError, match="storage_mb must be in"):
+        parse_config(cfg, "t")
+
+
+def test_the_registry_records_only_a_rung_the_device_holds(registry_url):
+    from server.registry import open_registry
+    from server.registry_base import DeviceRow
+
+    registry = open_registry(registry_url)
+    try:
+        row = DeviceRow("d1", Profile(200, 1, None, agent_version="t", storage_mb=4), "r1", 1, "a1", TOP, 1, b"{}",
+                        "installed", None, 1.0, 1.0, ("r1",), (f"{TOP}@1", f"{MID}@1", f"{SMALL}@1"))
+        with registry.transaction():
+            registry.put(row)
+            assert not registry.set_running("d1", "a1", "syn.9_9")  # not a rung of its ladder
+            assert not registry.set_running("d1", "a0", SMALL)  # about an assignment that is not current
+            assert registry.set_running("d1", "a1", SMALL)
+        dev = registry.device("d1")
+        assert dev.running == SMALL and dev.profile.storage_mb == 4 and dev.holds(MID) == 1
+        assert registry.count_by_running() == {SMALL: 1}
+        with registry.transaction():
+            assert [d.id for d in registry.on_variant(MID)] == ["d1"]
+            assert registry.on_variant("syn.2.3") == []  # LIKE's '_' would match '.': filtered out
+    finally:
+        registry.close()
+
+
+def test_the_runtime_refuses_an_altered_device_folder(tmp_path, embedded_broker_url, synthetic_catalog,
+                                                       fleet_coordinator, ladder_device):
+    from shared.errors import IntegrityError
+
+    fleet = fleet_config(tmp_path, embedded_broker_url)
+    fleet_coordinator(fleet, synthetic_catalog)
+    agent = ladder_device(fleet, storage_mb=whole_catalog_mib(synthetic_catalog) * 1.01)
+    assert agent.wait(lambda a: settled(a) and a.running == TOP, 30)
+    agent.stop()
+    folder = agent.device_dir
+    ladder_json = json.loads((folder / "ladder.json").read_text())
+    rung_file = folder / "rungs" / f"{ladder_json[0]['manifest_sha256']}.json"
+    manifest = json.loads(rung_file.read_text())
+    rung_file.write_text(json.dumps({**manifest, "version": 7}))  # the manifest no longer matches its sha256
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        Runtime(folder)
+    manifest["blocks"] = manifest["blocks"][:-1]  # a block missing, consistently re-hashed: the shape check
+    data = json.dumps(manifest).encode()
+    (folder / "rungs" / f"{sha256_bytes(data)}.json").write_bytes(data)
+    ladder_json[0]["manifest_sha256"] = sha256_bytes(data)
+    (folder / "ladder.json").write_text(json.dumps(ladder_json))
+    with pytest.raises(IntegrityError, match="do not match its architecture"):
+        Runtime(folder)
+
+
+def test_a_rung_whose_manifest_signature_fails_is_refused_with_the_whole_ladder(
+        tmp_path, embedded_broker_url, synthetic_catalog, fleet_coordinator, ladder_device):
+    from shared.signing import generate_key, load_signer
+
+    for name in ("c", "stranger"):
+        generate_key(tmp_path / "keys" / f"{name}.key", tmp_path / "keys" / f"{name}.pub")
+    fleet = fleet_config(tmp_path, embedded_broker_url, signing_key=str(tmp_path / "keys" / "c.key"),
+                         trusted_keys=[str(tmp_path / "keys" / "c.pub")])
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    manifest = synthetic_catalog.root / f"manifests/{SMALL}/v1.json"
+    stranger = load_signer(tmp_path / "keys" / "stranger.key")
+    Path(f"{manifest}.sig").write_text(json.dumps(stranger.sign(manifest.read_bytes())))  # only the lowest rung's
+    agent = ladder_device(fleet, storage_mb=whole_catalog_mib(synthetic_catalog) * 1.01)
+    assert agent.wait(lambda a: a.failure is not None, 30)
+    assert "does not trust" in agent.failure
+    assert not (agent.device_dir / "current.json").exists() and not (agent.device_dir / "ladder.json").exists()
+    assert wait_until(lambda: device_view(coordinator, "dev-large")["state"] == "failed")
