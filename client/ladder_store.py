@@ -11,6 +11,7 @@ ladder has none of them and runs `current.json`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,8 +61,12 @@ def rung_manifest_bytes(device_dir: Path, rung: HeldRung) -> bytes:
 
 
 def set_running(device_dir: Path, rung: HeldRung) -> None:
-    atomic_write(Path(device_dir) / RUNNING,
-                 json.dumps({"variant_id": rung.variant_id, "manifest_sha256": rung.manifest_sha256}).encode())
+    """Replaced atomically (readers never see half of it) but not synced to disk: after a crash the agent chooses
+    again from the memory it has then, and a sync would cost a switch several milliseconds."""
+    path = Path(device_dir) / RUNNING
+    tmp = path.with_name(f".{RUNNING}.tmp")
+    tmp.write_text(json.dumps({"variant_id": rung.variant_id, "manifest_sha256": rung.manifest_sha256}))
+    os.replace(tmp, path)
 
 
 def running_manifest_bytes(device_dir: Path) -> bytes | None:
