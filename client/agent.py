@@ -322,15 +322,15 @@ class DeviceAgent:
             if rung.variant_id == self.running:
                 return self.running
             set_running(self.device_dir, rung)
+            if desired is None or desired.rungs is None:  # a restart, before the retained state arrived: the
+                return rung.variant_id  # rung runs now, and is chosen again and reported once it is known
             self.running = rung.variant_id
             self.switches.append((now, rung.variant_id))
             self._cond.notify_all()
         log.info("%s: runs rung %s (%.1f MiB available, it needs %.1f)", self.device_id, rung.variant_id,
                  available, rung.memory_mb)
-        if desired is not None and desired.rungs is not None:
-            self.client.publish(topic(self.device_id, "status"),
-                                encode(Status(self.device_id, desired.assignment_id, "SWITCHED", rung.variant_id)),
-                                qos=1)
+        self.client.publish(topic(self.device_id, "status"),
+                            encode(Status(self.device_id, desired.assignment_id, "SWITCHED", rung.variant_id)), qos=1)
         return rung.variant_id
 
     def _report(self, desired: Desired, state: str, reason: str | None = None) -> None:

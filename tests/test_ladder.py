@@ -424,3 +424,17 @@ def test_fl_trains_the_running_rung_of_a_real_catalog(tiny_catalog, tmp_path):
     top_stitch = bytes_to_tensors(tiny_catalog.store.read(tiny_catalog.manifest(top.id).stitch_block().sha256))
     with pytest.raises(Exception, match="runs now"):
         local_update(node, TrainRequest(top.id, 1, 1, 1, 0.01, 32), {k: v.numpy() for k, v in top_stitch.items()})
+
+
+def test_a_restarted_device_reports_the_rung_it_chose_before_its_desired_state_arrived(
+        tmp_path, embedded_broker_url, synthetic_catalog, fleet_coordinator, ladder_device):
+    fleet = fleet_config(tmp_path, embedded_broker_url)
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    storage = whole_catalog_mib(synthetic_catalog) * 1.01
+    first = ladder_device(fleet, storage_mb=storage)
+    assert first.wait(lambda a: settled(a) and a.running == TOP, 30)
+    assert wait_until(lambda: device_view(coordinator, "dev-large")["running"] == TOP)
+    first.stop()
+    again = ladder_device(fleet, storage_mb=storage, limit_mib=20)  # squeezed while it was down: smallest rung
+    assert again.wait(lambda a: a.running == SMALL, 30)
+    assert wait_until(lambda: device_view(coordinator, "dev-large")["running"] == SMALL, 10)
