@@ -438,3 +438,21 @@ def test_a_restarted_device_reports_the_rung_it_chose_before_its_desired_state_a
     again = ladder_device(fleet, storage_mb=storage, limit_mib=20)  # squeezed while it was down: smallest rung
     assert again.wait(lambda a: a.running == SMALL, 30)
     assert wait_until(lambda: device_view(coordinator, "dev-large")["running"] == SMALL, 10)
+
+
+def test_a_device_that_drops_its_storage_budget_goes_back_to_one_variant(
+        tmp_path, embedded_broker_url, synthetic_catalog, fleet_coordinator, ladder_device):
+    fleet = fleet_config(tmp_path, embedded_broker_url)
+    coordinator = fleet_coordinator(fleet, synthetic_catalog)
+    agent = ladder_device(fleet, storage_mb=whole_catalog_mib(synthetic_catalog) * 1.01, limit_mib=20)
+    assert agent.wait(lambda a: settled(a) and a.running == SMALL, 30)
+    blobs = metric(coordinator, "fleet_artifact_requests_total", kind="blob", code="200")
+    agent.update_profile(replace(agent.profile, storage_mb=None))
+    assert agent.wait(lambda a: settled(a) and a.desired.rungs is None and not a.ladder, 30)
+    assert json.loads(coordinator.registry.device("dev-large").desired)["v"] == 1
+    assert not (agent.device_dir / "ladder.json").exists() and not (agent.device_dir / "running.json").exists()
+    assert installed_variant(agent.device_dir) == {"variant-id": TOP, "version": 1}  # current.json again
+    assert Runtime(agent.device_dir).rung == TOP
+    assert metric(coordinator, "fleet_artifact_requests_total", kind="blob", code="200") == blobs  # nothing fetched
+    assert wait_until(lambda: device_view(coordinator, "dev-large")["rungs"] == [])
+    assert device_view(coordinator, "dev-large")["running"] == TOP
