@@ -156,6 +156,10 @@ def test_a_device_with_storage_holds_a_ladder_and_switches_without_the_network(
     assert down_s < SWITCH_BOUND_S
     assert wait_until(lambda: device_view(coordinator, "dev-large")["running"] == SMALL, 10)
     assert rt.predict(x).shape == (3, 4) and rt.rung == SMALL
+    from restnet.fleet_commands import _status_report
+
+    line = next(r for r in _status_report(coordinator.public_url, None, False).splitlines() if "dev-large" in r)
+    assert line.endswith(f"{SMALL} (3 of 3)")  # `restnet status`, as the status page shows it
 
     released = set_limit(agent.cgroup, 50)  # the middle rung fits again, but only after the hold
     assert agent.wait(lambda a: a.running == MID, HOLD_S + 10)
