@@ -244,7 +244,11 @@ class DeviceAgent:
         if a is None:  # refused: keep whatever is installed, report nothing to install
             self._mark_applied(desired, None)
             return
-        if self._installed_sha == a.manifest_sha256 and self._ladder_is(desired):
+        if self._installed_sha == a.manifest_sha256 and self._holds_rungs(desired):
+            if desired.rungs is None and self.ladder:  # the same variant, now without a ladder: nothing to fetch
+                drop_ladder(self.device_dir)
+                with self._cond:
+                    self._take_ladder([])
             self._report(desired, "INSTALLED")
             self._mark_applied(desired, "INSTALLED")
             return
@@ -278,17 +282,11 @@ class DeviceAgent:
             except Exception:  # the hook is someone else's code: log it, keep the agent alive
                 log.exception("%s: on_installed hook failed", self.device_id)
 
-    def _ladder_is(self, desired: Desired) -> bool:
-        """Does the device already hold exactly the ladder (or lack of one) this desired state asks for?"""
-        wanted = [r.manifest_sha256 for r in desired.rungs or ()]
-        if [r.manifest_sha256 for r in self.ladder] == wanted:
-            return True
-        if not wanted:  # the same variant, now without a ladder: drop the ladder's files, nothing to download
-            drop_ladder(self.device_dir)
-            with self._cond:
-                self._take_ladder([])
-            return True
-        return False
+    def _holds_rungs(self, desired: Desired) -> bool:
+        """Beside the installed variant, does the device hold the rungs this desired state asks for (none, or
+        exactly its ladder)?"""
+        return desired.rungs is None or \
+            [r.manifest_sha256 for r in self.ladder] == [r.manifest_sha256 for r in desired.rungs]
 
     def _take_ladder(self, rungs: list[HeldRung]) -> None:
         """Under the lock: a new ladder; the watcher picks its rung on its next reading."""
