@@ -3,8 +3,9 @@
 The node config (written by `client.supernode`) says where the device keeps its installed variant
 (`<device-dir>/current.json` + `blobs/`) and which data it owns (`shared.node_data.NodeData`).
 
-- query: answer with the installed variant id and version (cheap: no torch, no model).
-- train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
+- query: answer with the id and version of the variant the device runs now: a ladder's running rung
+  (`client.ladder_store`), else the installed variant (cheap: no torch, no model).
+- train: load that variant (every block's hash verified), take the server's stitching weights for it,
   train only the stitching layer on the local partition with the frozen front's outputs computed once, and
   return only the change to the stitching weights (in the update format the server asked for, float16 or int8:
   `shared.updates`), the example count and metrics.
