@@ -6,16 +6,17 @@
 
 The agent writes them (after every rung verified), the application's `client.runtime.Runtime` and the Flower
 ClientApp read them: three processes, so files replaced atomically, never shared memory. A device without a
-ladder has none of them and runs `current.json`.
+ladder has none of them and runs `current.json`. Torch-free: the ClientApp's query reads this module and must stay
+cheap (torch costs seconds to import).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared.artifacts import atomic_write, sha256_bytes
 from shared.errors import IntegrityError
 
 LADDER = "ladder.json"
@@ -33,6 +34,8 @@ class HeldRung:
 
 
 def write_ladder(device_dir: Path, rungs) -> None:
+    from shared.artifacts import atomic_write  # here, not at the top: shared.artifacts imports torch
+
     held = [HeldRung(r.variant_id, r.variant_version, r.manifest_sha256, r.memory_mb) for r in rungs]
     atomic_write(Path(device_dir) / LADDER, json.dumps([asdict(h) for h in held]).encode())
 
@@ -54,7 +57,7 @@ def drop_ladder(device_dir: Path) -> None:
 
 def rung_manifest_bytes(device_dir: Path, rung: HeldRung) -> bytes:
     data = (Path(device_dir) / RUNGS_DIR / f"{rung.manifest_sha256}.json").read_bytes()
-    if sha256_bytes(data) != rung.manifest_sha256:
+    if hashlib.sha256(data).hexdigest() != rung.manifest_sha256:
         raise IntegrityError(f"the manifest of rung {rung.variant_id} does not match its sha256",
                              "the device folder was altered: enroll again to fetch the ladder")
     return data

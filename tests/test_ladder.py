@@ -460,3 +460,24 @@ def test_a_device_that_drops_its_storage_budget_goes_back_to_one_variant(
     assert metric(coordinator, "fleet_artifact_requests_total", kind="blob", code="200") == blobs  # nothing fetched
     assert wait_until(lambda: device_view(coordinator, "dev-large")["rungs"] == [])
     assert device_view(coordinator, "dev-large")["running"] == TOP
+
+
+def test_the_clientapps_query_stays_torch_free_with_a_ladder(tmp_path):
+    """Flower starts a ClientApp process per message: the query must not pay torch's import (seconds), or slow
+    nodes miss the query timeout and sit a round out."""
+    import subprocess
+    import sys
+
+    from client.ladder_store import RUNGS_DIR, set_running, write_ladder
+    from types import SimpleNamespace
+
+    data = json.dumps({"variant_id": SMALL, "version": 3}).encode()
+    (tmp_path / RUNGS_DIR).mkdir()
+    (tmp_path / RUNGS_DIR / f"{sha256_bytes(data)}.json").write_bytes(data)
+    write_ladder(tmp_path, [SimpleNamespace(variant_id=SMALL, variant_version=3, manifest_sha256=sha256_bytes(data),
+                                            memory_mb=1.0)])
+    set_running(tmp_path, read_ladder(tmp_path)[0])
+    code = ("import sys; from client.fl_client import installed_variant; "
+            f"print(installed_variant(__import__('pathlib').Path({str(tmp_path)!r}))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == str({"variant-id": SMALL, "version": 3}) and out[1] == "False"
