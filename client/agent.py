@@ -8,6 +8,12 @@ last will, numbered with a connection sequence kept in the device folder so late
 cannot override a newer one. The desired state's version only goes up for a device (the registry's promise), so
 the highest version followed is kept in the device folder too: an older state, even one the coordinator really
 signed, is a replay (a retained message put back by whoever can publish it) and is refused, across restarts.
+
+Ladders (a profile with `storage_mb`): the desired state lists rungs; every rung is fetched and verified before the
+ladder replaces anything, then a memory watcher thread (`client.memory`, `client.switching`) picks the rung that
+fits the memory available now, writes it to the device folder (`client.ladder_store`, where the application's
+`client.runtime.Runtime` and the Flower ClientApp read it) and reports each switch (status SWITCHED). No network
+is needed to switch: the rungs' blocks are already on the device.
 """
 from __future__ import annotations
 
@@ -19,7 +25,10 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from client.download import DownloadError, current_manifest_bytes, install
+from client.download import DownloadError, current_manifest_bytes, install, install_ladder
+from client.ladder_store import HeldRung, drop_ladder, read_ladder, set_running
+from client.memory import MemorySource
+from client.switching import RungSwitcher
 from shared.mqtt import make_client
 from shared.artifacts import Manifest, atomic_write, sha256_bytes
 from shared.config import BrokerConfig
@@ -38,9 +47,12 @@ class DeviceAgent:
     def __init__(self, device_id: str, broker: BrokerConfig, password: str | None, profile: Profile,
                  device_dir: Path | str, http_ca_file: str | None = None, heartbeat_s: float = 10.0,
                  enroll_retry_s: float = 5.0, on_installed: Callable[[Path], None] | None = None,
-                 trusted: Verifier | None = None):
+                 trusted: Verifier | None = None, memory: MemorySource | None = None, memory_poll_s: float = 0.5,
+                 hold_s: float = 10.0):
         """`trusted`: the coordinator's public keys; with them, a desired state or manifest that is not signed by
-        one of them is refused (the installed variant stays, the refusal is reported as FAILED)."""
+        one of them is refused (the installed variant stays, the refusal is reported as FAILED).
+        `memory`, `memory_poll_s`, `hold_s`: where a ladder's device reads its available memory, how often, and
+        how long memory must stay free before it climbs back up a rung."""
         self.device_id = device_id
         self.device_dir = Path(device_dir)
         self.device_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +74,9 @@ class DeviceAgent:
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name=f"agent-{device_id}", daemon=True)
         self._beater = threading.Thread(target=self._beat, name=f"heartbeat-{device_id}", daemon=True)
+        self.memory = memory or MemorySource()
+        self.memory_poll_s, self.hold_s = memory_poll_s, hold_s
+        self._watcher = threading.Thread(target=self._watch, name=f"memory-{device_id}", daemon=True)
         # What the agent knows; read by tests and the fleet simulator through wait().
         self.connected = False
         self.connect_error: str | None = None
@@ -76,6 +91,10 @@ class DeviceAgent:
         self._installed_sha = sha256_bytes(data) if data else None
         self._applied: tuple[int, str] | None = None  # (desired version, assignment id) handled
         self._followed = _followed_version(self.device_dir / VERSION_FILE)
+        self.ladder: list[HeldRung] = read_ladder(self.device_dir)  # the rungs held, top first
+        self._switcher: RungSwitcher | None = None  # made for the ladder on the first memory reading
+        self.running: str | None = None  # the rung running now (ladders only)
+        self.switches: list[tuple[float, str]] = []  # (monotonic time, rung) of every switch made
         self._retry_at = 0.0
         self._retry_s = 1.0
         self._enrolled_at = 0.0
@@ -88,6 +107,7 @@ class DeviceAgent:
         self.client.loop_start()
         self._worker.start()
         self._beater.start()
+        self._watcher.start()
         return self
 
     def stop(self) -> None:
@@ -97,6 +117,7 @@ class DeviceAgent:
             self._cond.notify_all()
         self._worker.join(10)
         self._beater.join(10)
+        self._watcher.join(10)
         if self.connected:
             info = self.client.publish(topic(self.device_id, "state"),
                                        encode(Presence(self.device_id, False, self._seq)), qos=1, retain=True)
@@ -238,14 +259,22 @@ class DeviceAgent:
         if a is None:  # refused: keep whatever is installed, report nothing to install
             self._mark_applied(desired, None)
             return
-        if self._installed_sha == a.manifest_sha256:
+        if self._installed_sha == a.manifest_sha256 and self._holds_rungs(desired):
+            if desired.rungs is None and self.ladder:  # the same variant, now without a ladder: nothing to fetch
+                drop_ladder(self.device_dir)
+                with self._cond:
+                    self._take_ladder([])
             self._report(desired, "INSTALLED")
             self._mark_applied(desired, "INSTALLED")
             return
         self._report(desired, "DOWNLOADING")
         try:
-            manifest = install(a, self.device_dir, self.http_ca_file,
-                               on_verified=lambda m: self._report(desired, "VERIFIED"), trusted=self.trusted)
+            verified = lambda m: self._report(desired, "VERIFIED")  # noqa: E731
+            if desired.rungs is None:
+                manifest = install(a, self.device_dir, self.http_ca_file, on_verified=verified, trusted=self.trusted)
+            else:
+                manifest = install_ladder(desired.rungs, self.device_dir, self.http_ca_file, on_verified=verified,
+                                          trusted=self.trusted)[0]
         except (IntegrityError, DownloadError, OSError) as exc:
             reason = str(exc)[:500]
             log.warning("%s: install of %s v%d failed: %s", self.device_id, a.variant_id, a.variant_version, reason)
@@ -259,6 +288,7 @@ class DeviceAgent:
         with self._cond:
             self.installed, self._installed_sha, self.failure = manifest, a.manifest_sha256, None
             self._retry_s = 1.0
+            self._take_ladder(read_ladder(self.device_dir))
         self._report(desired, "INSTALLED")
         self._mark_applied(desired, "INSTALLED")
         if self.on_installed is not None:
@@ -266,6 +296,55 @@ class DeviceAgent:
                 self.on_installed(self.device_dir)
             except Exception:  # the hook is someone else's code: log it, keep the agent alive
                 log.exception("%s: on_installed hook failed", self.device_id)
+
+    def _holds_rungs(self, desired: Desired) -> bool:
+        """Beside the installed variant, does the device hold the rungs this desired state asks for (none, or
+        exactly its ladder)?"""
+        return desired.rungs is None or \
+            [r.manifest_sha256 for r in self.ladder] == [r.manifest_sha256 for r in desired.rungs]
+
+    def _take_ladder(self, rungs: list[HeldRung]) -> None:
+        """Under the lock: a new ladder; the watcher picks its rung on its next reading."""
+        self.ladder, self._switcher, self.running = rungs, None, None
+        self._cond.notify_all()
+
+    # ---- the memory watcher (ladders) -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, self.memory_poll_s):
+                    return
+            self.check_memory()
+
+    def check_memory(self) -> str | None:
+        """One reading of the available memory: switch rungs if the policy says so; returns the rung running."""
+        with self._cond:
+            ladder, desired = self.ladder, self.desired
+        if not ladder:
+            return None
+        available = self.memory.available_mb()
+        now = time.monotonic()
+        with self._cond:
+            if ladder is not self.ladder:  # replaced meanwhile: the next reading is for the new one
+                return self.running
+            if self._switcher is None:  # a new ladder starts on the rung that fits now, without waiting
+                self._switcher = RungSwitcher([r.memory_mb for r in ladder], self.hold_s)
+                self._switcher.current = self._switcher.best_fit(available)
+            rung = ladder[self._switcher.decide(available, now)]
+            if rung.variant_id == self.running:
+                return self.running
+            set_running(self.device_dir, rung)
+            if desired is None or desired.rungs is None:  # a restart, before the retained state arrived: the
+                return rung.variant_id  # rung runs now, and is chosen again and reported once it is known
+            self.running = rung.variant_id
+            self.switches.append((now, rung.variant_id))
+            self._cond.notify_all()
+        log.info("%s: runs rung %s (%.1f MiB available, it needs %.1f)", self.device_id, rung.variant_id,
+                 available, rung.memory_mb)
+        self.client.publish(topic(self.device_id, "status"),
+                            encode(Status(self.device_id, desired.assignment_id, "SWITCHED", rung.variant_id)), qos=1)
+        return rung.variant_id
 
     def _report(self, desired: Desired, state: str, reason: str | None = None) -> None:
         a = desired.assignment

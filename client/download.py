@@ -4,8 +4,11 @@ Layout of a device folder (what the Flower ClientApp loads):
   blobs/<sha256>     verified blocks (content-addressed, shared between versions and variants)
   partial/<sha256>   a block being downloaded; resumed with `Range` after an interruption
   current.json       the installed variant's manifest bytes, replaced atomically as the very last step
+  rungs/<sha256>.json, ladder.json   a ladder's manifests and its rungs in order (`client.ladder_store`), for a device
+                     with a storage budget; written after every rung verified, before current.json (the top rung)
 A block whose bytes do not hash to its name is deleted and refused, and current.json is left as it was; a stored
-block damaged since is fetched again.
+block damaged since is fetched again; a ladder with one rung that fails verification changes nothing at all: the
+device keeps what it runs.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from shared.artifacts import BlobStore, Manifest, atomic_write, sha256_bytes
 from shared.errors import IntegrityError
-from shared.messages import Assignment
+from client.ladder_store import RUNGS_DIR, drop_ladder, write_ladder
+from shared.messages import Assignment, Rung
 from shared.signing import SignatureError, Verifier
 
 log = logging.getLogger("restnet.download")
@@ -44,8 +48,35 @@ def current_manifest_bytes(device_dir: Path) -> bytes | None:
 def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None,
             on_verified=None, trusted: Verifier | None = None) -> Manifest:
     """Make `assignment` the device's current variant, downloading only the blocks it lacks. With `trusted`
-    keys the manifest's own signature must verify too."""
+    keys the manifest's own signature must verify too. A ladder held before is dropped (one variant now)."""
     device_dir = Path(device_dir)
+    data, manifest = fetch_verified(assignment, device_dir, ca_file, trusted)
+    if on_verified is not None:
+        on_verified(manifest)
+    atomic_write(device_dir / "current.json", data)
+    drop_ladder(device_dir)
+    return manifest
+
+
+def install_ladder(rungs: list[Rung], device_dir: Path, ca_file: str | None = None, on_verified=None,
+                   trusted: Verifier | None = None) -> list[Manifest]:
+    """Make a ladder the device's: every rung fetched and verified (manifest sha256 and signature, every block)
+    before anything is switched; then the rungs' manifests, `ladder.json`, and `current.json` (the top rung)."""
+    device_dir = Path(device_dir)
+    fetched = [fetch_verified(rung, device_dir, ca_file, trusted) for rung in rungs]
+    if on_verified is not None:
+        on_verified(fetched[0][1])
+    for rung, (data, _) in zip(rungs, fetched):
+        atomic_write(device_dir / RUNGS_DIR / f"{rung.manifest_sha256}.json", data)
+    write_ladder(device_dir, rungs)
+    atomic_write(device_dir / "current.json", fetched[0][0])
+    return [m for _, m in fetched]
+
+
+def fetch_verified(assignment: Assignment | Rung, device_dir: Path, ca_file: str | None = None,
+                   trusted: Verifier | None = None) -> tuple[bytes, Manifest]:
+    """A variant's manifest bytes and manifest, its blocks in the blob store, everything verified; the device's
+    current variant is not touched."""
     context = ssl.create_default_context(cafile=ca_file) if assignment.manifest_url.startswith("https:") else None
     data = _get(assignment.manifest_url, context, limit=MAX_MANIFEST_BYTES)
     if sha256_bytes(data) != assignment.manifest_sha256:
@@ -66,10 +97,7 @@ def install(assignment: Assignment, device_dir: Path, ca_file: str | None = None
         if store.has(block.sha256) and _intact(store, block.sha256):
             continue
         fetch_blob(f"{base}/blobs/{block.sha256}", block.sha256, block.size, store, device_dir / "partial", context)
-    if on_verified is not None:
-        on_verified(manifest)
-    atomic_write(device_dir / "current.json", data)
-    return manifest
+    return data, manifest
 
 
 def _intact(store: BlobStore, sha256: str) -> bool:

@@ -3,8 +3,9 @@
 The node config (written by `client.supernode`) says where the device keeps its installed variant
 (`<device-dir>/current.json` + `blobs/`) and which data it owns (`shared.node_data.NodeData`).
 
-- query: answer with the installed variant id and version (cheap: no torch, no model).
-- train: load the installed variant (every block's hash verified), take the server's stitching weights for it,
+- query: answer with the id and version of the variant the device runs now: a ladder's running rung
+  (`client.ladder_store`), else the installed variant (cheap: no torch, no model).
+- train: load that variant (every block's hash verified), take the server's stitching weights for it,
   train only the stitching layer on the frozen front's outputs for the local partition, and return only the
   change to the stitching weights (in the update format the server asked for, float16 or int8:
   `shared.updates`), the example count and metrics.
@@ -31,21 +32,22 @@ import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.ladder_store import running_manifest_bytes
 from shared.node_data import NodeData
 from shared.errors import IntegrityError, RestnetError
 from shared.vocabulary import FLOAT16, UPDATE_FORMATS
 
-CURRENT = "current.json"
 HISTORY = "fl_history.jsonl"
 _PROCESS_STARTED = psutil.Process().create_time()
 
 
 def installed_variant(device_dir: Path) -> dict:
-    """{"variant-id", "version"} of the variant installed in `device_dir` (read without loading any weights)."""
-    path = device_dir / CURRENT
-    if not path.is_file():
+    """{"variant-id", "version"} of the variant the device runs now: its ladder's running rung, else the installed
+    variant (read without loading any weights)."""
+    data = running_manifest_bytes(device_dir)
+    if data is None:
         raise IntegrityError(f"no variant is installed in {device_dir}", "enroll the device first")
-    manifest = json.loads(path.read_bytes())
+    manifest = json.loads(data)
     return {"variant-id": str(manifest["variant_id"]), "version": int(manifest["version"])}
 
 
@@ -107,9 +109,9 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     imported_at = time.time()
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
-    manifest = Manifest.from_bytes((node.device_dir / CURRENT).read_bytes())
+    manifest = Manifest.from_bytes(running_manifest_bytes(node.device_dir))  # the rung running now
     if manifest.variant_id != req.variant_id:
-        raise IntegrityError(f"asked to train {req.variant_id} but {manifest.variant_id} is installed",
+        raise IntegrityError(f"asked to train {req.variant_id} but {manifest.variant_id} runs now",
                              "the device was re-assigned; the server asks again next round")
     model = _loaded_variant(node.device_dir, manifest)
     model.load_stitch_state(state)  # refuses weights of another shape, dtype, or with NaN/inf

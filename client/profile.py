@@ -51,9 +51,11 @@ def available_memory_mb() -> float:
 def device_profile(device: DeviceConfig | None, measure: bool = False, latency_ms: float | None = None) -> Profile:
     """The configured profile, or a measured one (`measure`, or a device missing from the config)."""
     if device is not None and not measure:
-        return Profile(device.memory_mb, device.compute, device.latency_ms, agent_version=AGENT_VERSION)
+        return Profile(device.memory_mb, device.compute, device.latency_ms, agent_version=AGENT_VERSION,
+                       storage_mb=device.storage_mb)
     target = latency_ms if latency_ms is not None else (device.latency_ms if device else None)
-    return Profile(round(available_memory_mb(), 1), benchmark_compute(), target, agent_version=AGENT_VERSION)
+    return Profile(round(available_memory_mb(), 1), benchmark_compute(), target, agent_version=AGENT_VERSION,
+                   storage_mb=device.storage_mb if device else None)
 
 
 def budget_changed(old: Profile, new: Profile, memory_tolerance: float = 0.1, compute_tolerance: float = 0.25) -> bool:

@@ -9,6 +9,8 @@
 4. Federated rounds on a real SuperLink; the coordinator versions each improved stitching layer and pushes it
    to the devices that run it.
 5. A table and plots of what happened; every process started is stopped (Ctrl-C too).
+With `--pressure`, step 4 is replaced by a ladder at work (`restnet/pressure.py`): the roomiest device holds a
+ladder and its memory is squeezed and released; a table shows it stepping down and back up.
 
 Float reductions depend on the number of threads, so the same run on a 1-core and a 2-core machine would train
 slightly different models and could print another table. The demo runs every process with one thread
@@ -48,6 +50,9 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--linger", type=float, default=0.0,
                    help="keep the coordinator and its status page up this many seconds after the run")
     d.add_argument("--quiet", action="store_true", help="no progress bars or Flower log")
+    d.add_argument("--pressure", action="store_true",
+                   help="instead of federated rounds: squeeze the roomiest device's memory and release it; its "
+                        "ladder steps down and back up (restnet/pressure.py)")
     d.set_defaults(func=run)
 
 
@@ -146,7 +151,15 @@ def _run(args, memory) -> int:
         nodes = SuperNodeManager(link.address, link.security, cfg.data, cfg.federated.partition,
                                  {d: i for i, d in enumerate(device_ids)}, len(device_ids))
         stack.callback(nodes.stop)
-        agents = start_fleet(fleet, run_dir / "devices", on_installed=nodes.on_installed)
+        ladder_options = {}
+        if args.pressure:
+            from client.memory import MemorySource
+            from restnet import pressure
+
+            squeezed_id = pressure.prepare(fleet, catalog, run_dir / "pressure-cgroup")
+            ladder_options = {"memory": MemorySource(run_dir / "pressure-cgroup"), "hold_s": pressure.HOLD_S,
+                              "memory_poll_s": pressure.POLL_S}
+        agents = start_fleet(fleet, run_dir / "devices", on_installed=nodes.on_installed, **ladder_options)
         stack.callback(lambda: [a.stop() for a in agents])
         say(f"{len(agents)} devices enrolling")
         late = wait_settled(agents, timeout=180)
@@ -157,6 +170,16 @@ def _run(args, memory) -> int:
         delivered = {a.device_id: a.installed for a in agents if a.installed is not None}
         if not delivered:
             raise RestnetError("no device received a variant", "raise the devices' memory_mb in the config")
+        if args.pressure:
+            squeezed = next(a for a in agents if a.device_id == squeezed_id)
+            rows = pressure.run(coordinator, squeezed, run_dir / "pressure-cgroup", say)
+            print(pressure.table(rows, squeezed_id))
+            (out / "demo.json").write_text(json.dumps({"pressure": {"device": squeezed_id, "steps": rows}}, indent=1))
+            if args.linger > 0:
+                say(f"status page stays up for {args.linger:.0f}s at {coordinator.public_url}/ (Ctrl-C to stop)")
+                time.sleep(args.linger)
+            say("stopping every process")
+            return 0
         nodes.wait_ready()
 
         rounds = args.rounds or cfg.federated.rounds

@@ -26,6 +26,11 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--latency-ms", type=float, help="latency target, with --measure")
     d.add_argument("--remeasure-s", type=float, default=60.0,
                    help="with --measure: measure again this often and re-enroll when the budget changed (default 60)")
+    d.add_argument("--cgroup-dir", default="/sys/fs/cgroup", metavar="DIR",
+                   help="with a ladder (fleet.devices[].storage_mb): where to read memory.max and memory.current "
+                        "(default /sys/fs/cgroup; without a limit there, the system's available memory)")
+    d.add_argument("--hold-s", type=float, default=10.0,
+                   help="with a ladder: how long memory must stay free before the device climbs a rung (default 10)")
     d.set_defaults(func=_device)
 
     s = subparsers.add_parser("devices", help="simulate every device of the fleet config in one process")
@@ -74,6 +79,7 @@ def _partition(text: str) -> tuple[int, int]:
 
 def _device(args) -> int:
     from client.agent import DeviceAgent
+    from client.memory import MemorySource
     from client.profile import budget_changed, device_profile
     from shared.signing import load_verifier
     from shared.vocabulary import valid_device_id
@@ -103,7 +109,8 @@ def _device(args) -> int:
     if trusted is None:
         print(f"{args.id}: no trusted keys: instructions are taken unsigned (see docs/SECURITY.md)", flush=True)
     agent = DeviceAgent(args.id, fleet.broker, password, profile, folder, fleet.http_ca_file, fleet.heartbeat_s,
-                        on_installed=installed, trusted=trusted)
+                        on_installed=installed, trusted=trusted, memory=MemorySource(args.cgroup_dir),
+                        hold_s=args.hold_s)
     agent.start()
     threading.Thread(target=_report_changes, args=([agent],), daemon=True).start()
     stop = stop_event()

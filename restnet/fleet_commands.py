@@ -143,6 +143,11 @@ def _status_report(url: str, ca_file: str | None, as_json: bool) -> str:
              None if d["variant_version"] is None else f"v{d['variant_version']}",
              f"{d['profile']['memory_mb']:g} MiB", d["profile"]["compute"], ago(d["last_seen"], now)]
             for d in devices]
+    if any(d["rungs"] for d in devices):  # ladders: the rung each device runs now, and where it is on its ladder
+        headers.append("runs now")
+        for row, d in zip(rows, devices):
+            at = f" ({d['rungs'].index(d['running']) + 1} of {len(d['rungs'])})" if d["running"] in d["rungs"] else ""
+            row.append(f"{d['running']}{at}")
     if any(d["reason"] for d in devices):  # why a device failed, shortened to keep one line per device
         headers.append("reason")
         for row, d in zip(rows, devices):

@@ -9,6 +9,9 @@ Compute: the catalog's `latency_ms` was measured on the reference CPU (compute s
 compute score of at least `latency_ms / target`. A variant without a measured latency is estimated from its FLOPs
 at the catalog's own FLOPs-per-millisecond (the median over measured variants; DEFAULT_FLOPS_PER_MS when none
 is measured). Without a latency target, compute does not exclude any variant.
+
+Storage (only for a device that states `storage_mb`): a variant's blocks (its manifest's total bytes) must fit the
+budget, or the device could not hold even that one rung (`server.ladder` fills the rest of the budget).
 """
 from __future__ import annotations
 
@@ -47,10 +50,12 @@ def expected_score(rec: VariantRecord) -> float:
 class Assigner:
     """Ranks a catalog's variants once; answers `choose(profile)` for any number of devices."""
 
-    def __init__(self, variants: list[VariantRecord], memory_margin: float):
+    def __init__(self, variants: list[VariantRecord], memory_margin: float, sizes: dict[str, int] | None = None):
+        """`sizes`: each variant's bytes of blocks (for devices with a storage budget; unknown counts as 0)."""
         measured = [r.flops / r.latency_ms for r in variants if r.latency_ms and r.latency_ms > 0 and r.flops > 0]
         self.flops_per_ms = statistics.median(measured) if measured else DEFAULT_FLOPS_PER_MS
         self.margin = memory_margin
+        self.sizes = sizes or {}
         self.variants = sorted(variants, key=lambda r: (-expected_score(r), r.params, r.id))
         self.needs = {r.id: self._needs(r) for r in self.variants}
 
@@ -62,6 +67,8 @@ class Assigner:
     def fits(self, rec: VariantRecord, profile: Profile) -> bool:
         need = self.needs[rec.id]
         if need.memory_mb > profile.memory_mb:
+            return False
+        if profile.storage_mb is not None and self.sizes.get(rec.id, 0) > profile.storage_mb * MIB:
             return False
         compute = need.compute_for(profile.latency_ms)
         return compute is None or compute <= profile.compute
@@ -84,6 +91,9 @@ class Assigner:
         if compute is not None:
             wants += f" and compute >= {compute:.3g} for a {profile.latency_ms:g} ms latency target"
             offers += f" and compute {profile.compute:g}"
+        if profile.storage_mb is not None:
+            wants += f" and {self.sizes.get(need.variant_id, 0) / MIB:.3g} MiB of storage"
+            offers += f" and {profile.storage_mb:g} MiB of storage"
         return Refusal(f"no variant fits: the smallest, {need.variant_id}, needs {wants}; the device offers {offers}",
                        {"variant_id": need.variant_id, "memory_mb": round(need.memory_mb, 3),
                         "compute": None if compute is None else round(compute, 6)})

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 from server.metrics import FleetMetrics
 from server.registry import DeviceRow, Registry
+from server.ladder import ladder
 from server.registry_base import remember
 from server.transport import Incoming, Outgoing
 from server.versioning import VariantVersions
@@ -70,6 +71,10 @@ class Enrollment:
                 reply = ErrorReply("internal", "the coordinator failed on this enrollment; it was not applied",
                                    msg.request_id)
                 out.append(Outgoing(topic(msg.device_id, "error"), encode(reply), False))
+        elif isinstance(msg, Status) and msg.state == "SWITCHED":
+            self.metrics.status_reports.labels(msg.state).inc()
+            if self.registry.set_running(msg.device_id, msg.assignment_id, msg.variant_id):
+                self.metrics.rung_switches.inc()
         elif isinstance(msg, Status):
             self.metrics.status_reports.labels(msg.state).inc()
             self.registry.set_state(msg.device_id, msg.assignment_id, msg.state.lower(), msg.reason, now)
@@ -94,30 +99,38 @@ class Enrollment:
         choice = self.variants.assigner.choose(profile)
         assignment, refusal = (None, choice) if isinstance(choice, Refusal) else \
             (self.variants.assignment(choice.id), None)
+        rungs = None
+        if assignment is not None and profile.storage_mb is not None:
+            recs = ladder(self.variants.assigner, choice, profile, self.variants.blocks)
+            rungs = [self.variants.rung(r.id) for r in recs]
+        held = tuple(f"{r.variant_id}@{r.variant_version}" for r in rungs or ())
         variant = (assignment.variant_id, assignment.variant_version) if assignment else (None, None)
-        if prev is not None and (prev.variant_id, prev.variant_version) == variant:
+        if prev is not None and (prev.variant_id, prev.variant_version, prev.rungs) == (*variant, held):
             version, assignment_id, state, reason = prev.version, prev.assignment_id, prev.state, prev.reason
             result = "unchanged" if assignment else "refused"
         else:
             version, assignment_id, reason = (prev.version + 1 if prev else 1), uuid.uuid4().hex[:16], None
             state = "assigned" if assignment else "refused"
             result = "refused" if refusal else ("assigned" if prev is None else "reassigned")
-        desired = encode(Desired(device_id, version, assignment_id, request_id, assignment, refusal), self.signer)
+        desired = encode(Desired(device_id, version, assignment_id, request_id, assignment, refusal, rungs),
+                         self.signer)
         requests = remember(prev.requests if prev else (), request_id)
+        running = prev.running if prev is not None and prev.assignment_id == assignment_id else None
         row = DeviceRow(device_id, profile, request_id, version, assignment_id, variant[0], variant[1], desired,
-                        state, reason, prev.enrolled_at if prev else now, now, requests)
+                        state, reason, prev.enrolled_at if prev else now, now, requests, held, running)
         return row, result
 
     def follow_new_version(self, variant_id: str, out: list[Outgoing], now: float) -> int:
-        """Devices that run an older version of `variant_id` get a new desired state (the best variant for their
-        profile now, normally the new version); returns how many."""
+        """Devices that hold an older version of `variant_id` (as their variant or as a rung of their ladder) get
+        a new desired state (the best variant or ladder for their profile now, normally with the new version);
+        returns how many."""
         current = self.variants.catalog.get(variant_id).version
         ids = [row.id for row in self.registry.on_variant(variant_id)]
         self.registry.lock_devices(ids)
         moved = 0
         for device_id in ids:
             prev = self.registry.get(device_id)  # again, under the lock: another coordinator may have moved it
-            if prev.variant_id != variant_id or (prev.variant_version or 0) >= current:
+            if (prev.holds(variant_id) or current) >= current:
                 continue  # already told (by this coordinator or another one sharing the registry)
             row, _ = self._assign(prev.id, prev.profile, prev.request_id, prev, now)
             self.registry.put(row)

@@ -32,7 +32,11 @@ class _RegistryCollector(Collector):
                                         labels=["presence"])
         for presence, n in self.registry.count_by_presence().items():
             by_presence.add_metric([presence], n)
-        return [by_state, by_presence]
+        running = GaugeMetricFamily("fleet_devices_running", "Devices by the variant (rung) they run now",
+                                    labels=["variant"])
+        for variant, n in self.registry.count_by_running().items():
+            running.add_metric([variant], n)
+        return [by_state, by_presence, running]
 
 
 class FleetMetrics:
@@ -51,6 +55,8 @@ class FleetMetrics:
                                 registry=r)
         self.status_reports = Counter("fleet_status_reports_total", "Device status reports, by state", ["state"],
                                       registry=r)
+        self.rung_switches = Counter("fleet_rung_switches_total", "Rung switches devices reported (ladders)",
+                                     registry=r)
         self.desired_published = Counter("fleet_desired_published_total", "Desired states published", registry=r)
         self.artifact_bytes = Counter("fleet_artifact_bytes_sent_total", "Artifact bytes served over HTTP",
                                       registry=r)

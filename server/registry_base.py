@@ -5,6 +5,10 @@ engines: how a transaction begins, how devices are locked against other writers,
 written with `?` placeholders and is the same for both engines (`INSERT ... ON CONFLICT` is SQLite >= 3.24 and
 PostgreSQL); a backend may translate the placeholder (`_sql`).
 
+Ladders: a device with a storage budget holds several rungs; its row keeps them (`rungs`, "variant@version" tokens,
+top first, space separated; empty for a device on one variant) so a new version of any rung finds the devices that
+hold it, and `running`, the rung the device last said it runs (NULL until it says so).
+
 Request ids: a device row keeps the last `REQUESTS_KEPT` request ids the device sent (oldest first, space separated:
 request ids are tokens without spaces), so enrollment stays idempotent on (device id, request id) for recent
 requests while one device cannot grow the registry without bound.
@@ -23,15 +27,15 @@ REQUESTS_KEPT = 16  # request ids remembered per device; an older one comes back
 LIFECYCLE = ("assigned", "refused", "downloading", "verified", "installed", "failed")
 PRESENCE = ("online", "offline", "stale")
 COLUMNS = ("id, profile, request_id, version, assignment_id, variant_id, variant_version, desired, state, reason, "
-           "enrolled_at, updated_at, requests")
+           "enrolled_at, updated_at, requests, rungs, running")
 
 
-PUT = (f"INSERT INTO devices ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+PUT = (f"INSERT INTO devices ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
        "profile = excluded.profile, request_id = excluded.request_id, version = excluded.version, "
        "assignment_id = excluded.assignment_id, variant_id = excluded.variant_id, "
        "variant_version = excluded.variant_version, desired = excluded.desired, state = excluded.state, "
        "reason = excluded.reason, enrolled_at = excluded.enrolled_at, updated_at = excluded.updated_at, "
-       "requests = excluded.requests")
+       "requests = excluded.requests, rungs = excluded.rungs, running = excluded.running")
 
 
 @dataclass
@@ -49,6 +53,18 @@ class DeviceRow:
     enrolled_at: float
     updated_at: float
     requests: tuple[str, ...] = ()  # the last REQUESTS_KEPT request ids, oldest first
+    rungs: tuple[str, ...] = ()  # a ladder's rungs as "variant@version", top first; () for one variant
+    running: str | None = None  # the rung the device reported running (a ladder's SWITCHED status)
+
+    def holds(self, variant_id: str) -> int | None:
+        """The version of `variant_id` this device holds (as its variant or a rung of its ladder), if any."""
+        if self.variant_id == variant_id:
+            return self.variant_version
+        for token in self.rungs:
+            held, _, version = token.rpartition("@")
+            if held == variant_id:
+                return int(version)
+        return None
 
     def answered(self, request_id: str) -> bool:
         """Is `request_id` one of the device's recent requests (so a repeat gets the current desired state)?"""
@@ -105,6 +121,16 @@ class Registry:
                           (state, reason, now, device_id, assignment_id))
         return cur.rowcount == 1
 
+    def set_running(self, device_id: str, assignment_id: str, variant_id: str) -> bool:
+        """Record the rung a device says it switched to, for its current assignment and only a rung it holds."""
+        dev = self.get(device_id)
+        if dev is None or dev.assignment_id != assignment_id or variant_id not in (t.rpartition("@")[0]
+                                                                                    for t in dev.rungs):
+            return False
+        self._write("UPDATE devices SET running = ? WHERE id = ?", (variant_id, device_id))
+        dev.running = variant_id  # a backend that keeps rows read under its locks sees its own write
+        return True
+
     def set_presence(self, device_id: str, presence: str, seq: int, now: float) -> bool:
         """Apply a presence report unless an older connection generation's (lower seq) arrives late."""
         cur = self._write(
@@ -125,8 +151,10 @@ class Registry:
                            (cutoff,)).rowcount
 
     def on_variant(self, variant_id: str) -> list[DeviceRow]:
-        return [decode_row(r) for r in self._write(f"SELECT {COLUMNS} FROM devices WHERE variant_id = ? ORDER BY id",
-                                             (variant_id,)).fetchall()]
+        """Devices that hold `variant_id`: as their variant or as a rung of their ladder."""
+        rows = self._write(f"SELECT {COLUMNS} FROM devices WHERE variant_id = ? OR rungs LIKE ? ORDER BY id",
+                           (variant_id, f"%{variant_id}@%")).fetchall()
+        return [dev for dev in map(decode_row, rows) if dev.holds(variant_id) is not None]  # LIKE's _ matches any
 
     def all_desired(self) -> list[tuple[str, bytes]]:
         return [(i, d.encode()) for i, d in self._write("SELECT id, desired FROM devices").fetchall()]
@@ -153,6 +181,11 @@ class Registry:
         counts.update(self._read("SELECT presence, COUNT(*) FROM presence GROUP BY presence"))
         return counts
 
+    def count_by_running(self) -> dict[str, int]:
+        """Devices per variant they run now: the rung they reported, else their assigned variant."""
+        return dict(self._read("SELECT COALESCE(running, variant_id), COUNT(*) FROM devices "
+                               "WHERE variant_id IS NOT NULL GROUP BY COALESCE(running, variant_id)"))
+
     def device(self, device_id: str) -> DeviceRow | None:
         rows = self._read(f"SELECT {COLUMNS} FROM devices WHERE id = ?", (device_id,))
         return decode_row(rows[0]) if rows else None
@@ -164,11 +197,13 @@ class Registry:
                           "LEFT JOIN presence p ON p.device_id = d.id ORDER BY d.id")
         out = []
         for r in rows:
-            dev = decode_row(r[:13])
-            out.append({"id": dev.id, "state": dev.state, "reason": dev.reason, "online": r[13] == "online",
-                        "presence": r[13] or "offline", "variant_id": dev.variant_id,
+            dev = decode_row(r[:15])
+            out.append({"id": dev.id, "state": dev.state, "reason": dev.reason, "online": r[15] == "online",
+                        "presence": r[15] or "offline", "variant_id": dev.variant_id,
                         "variant_version": dev.variant_version, "version": dev.version,
-                        "assignment_id": dev.assignment_id, "profile": vars(dev.profile), "last_seen": r[14]})
+                        "assignment_id": dev.assignment_id, "profile": vars(dev.profile), "last_seen": r[16],
+                        "rungs": [t.rpartition("@")[0] for t in dev.rungs],
+                        "running": dev.running or (dev.variant_id if not dev.rungs else None)})
         return out
 
     # ---- schema --------------------------------------------------------------------------------------------
@@ -197,12 +232,16 @@ class Registry:
 
 def put_params(dev: DeviceRow) -> tuple:
     p = dev.profile
-    return (dev.id, json.dumps([p.memory_mb, p.compute, p.latency_ms, p.agent_version]), dev.request_id, dev.version,
-            dev.assignment_id, dev.variant_id, dev.variant_version, dev.desired.decode(), dev.state, dev.reason,
-            dev.enrolled_at, dev.updated_at, " ".join(dev.requests))
+    profile = [p.memory_mb, p.compute, p.latency_ms, p.agent_version] + \
+        ([p.storage_mb] if p.storage_mb is not None else [])  # rows of devices without a budget stay as before
+    return (dev.id, json.dumps(profile), dev.request_id, dev.version, dev.assignment_id, dev.variant_id,
+            dev.variant_version, dev.desired.decode(), dev.state, dev.reason, dev.enrolled_at, dev.updated_at,
+            " ".join(dev.requests), " ".join(dev.rungs), dev.running)
 
 
 def decode_row(r) -> DeviceRow:
-    memory_mb, compute, latency_ms, agent_version = json.loads(r[1])
-    return DeviceRow(r[0], Profile(memory_mb, compute, latency_ms, agent_version=agent_version), r[2], r[3], r[4],
-                     r[5], r[6], r[7].encode(), r[8], r[9], r[10], r[11], tuple(r[12].split()))
+    memory_mb, compute, latency_ms, agent_version, *storage = json.loads(r[1])
+    profile = Profile(memory_mb, compute, latency_ms, agent_version=agent_version,
+                      storage_mb=storage[0] if storage else None)
+    return DeviceRow(r[0], profile, r[2], r[3], r[4], r[5], r[6], r[7].encode(), r[8], r[9], r[10], r[11],
+                     tuple(r[12].split()), tuple(r[13].split()), r[14])

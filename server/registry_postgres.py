@@ -66,6 +66,10 @@ STEPS = [
         "UPDATE devices SET requests = request_id",
         "DROP TABLE requests",
     ],
+    [  # 3: a ladder's rungs ("variant@version", top first) and the rung the device runs
+        "ALTER TABLE devices ADD COLUMN rungs TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE devices ADD COLUMN running TEXT",
+    ],
 ]
 
 

@@ -98,8 +98,11 @@ _SCRIPT = """
       cell(tr, sig(p.compute), "num");
       cell(tr, p.latency_ms == null ? "\\u2014" : sig(p.latency_ms) + " ms", "num");
       cell(tr, ago(d.last_seen, now), "num");
+      var rungs = d.rungs || [], at = rungs.indexOf(d.running);
+      cell(tr, (d.running == null ? "\\u2014" : d.running) +
+               (rungs.length ? " (rung " + (at + 1) + " of " + rungs.length + ")" : ""), "id");
       return tr;
-    }), "no device has enrolled yet", 9);
+    }), "no device has enrolled yet", 10);
     var variants = (catalog.variants || []).slice().sort(function (a, b) { return a.params - b.params; });
     fill("variants", variants.map(function (v) {
       var tr = document.createElement("tr");
@@ -173,7 +176,7 @@ and <a href="api/catalog">/api/catalog</a>, or <code>restnet status</code> in a 
 <p id="live">loading&hellip;</p>
 <h2>Devices</h2>
 <table><thead><tr><th>device</th><th>presence</th><th>state</th><th>variant</th><th>version</th><th>memory</th>
-<th>compute</th><th>latency target</th><th>last seen</th></tr></thead>
+<th>compute</th><th>latency target</th><th>last seen</th><th>runs now</th></tr></thead>
 <tbody id="devices"></tbody></table>
 <h2>Catalog variants</h2>
 <table><thead><tr><th>variant</th><th>params</th><th>inference memory</th><th>fine-tune memory</th><th>accuracy</th>

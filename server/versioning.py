@@ -18,7 +18,7 @@ import torch
 from server.assignment import Assigner
 from shared.artifacts import Manifest, atomic_write
 from shared.catalog import Catalog, manifest_path
-from shared.messages import Assignment
+from shared.messages import Assignment, Rung
 from shared.signing import Signer
 
 log = logging.getLogger("restnet.coordinator")
@@ -31,7 +31,9 @@ class VariantVersions:
 
     def _adopt(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self.assigner = Assigner(catalog.variants, self.memory_margin)
+        self.blocks = {r.id: {b.sha256: b.size for b in catalog.manifest(r.id).blocks} for r in catalog.variants}
+        self.assigner = Assigner(catalog.variants, self.memory_margin,
+                                 {vid: sum(sizes.values()) for vid, sizes in self.blocks.items()})
         self._assignments: dict[str, Assignment] = {}
         self._stamp = _stamp(catalog.root)
         self._sign_manifests()
@@ -57,6 +59,12 @@ class VariantVersions:
             url = f"{self.public_url}/{manifest_path(variant_id, m.version)}"
             self._assignments[variant_id] = Assignment(variant_id, m.version, url, m.sha256, m.total_bytes)
         return self._assignments[variant_id]
+
+    def rung(self, variant_id: str) -> Rung:
+        """A ladder's rung: the variant's assignment and the memory the device needs to run it."""
+        a = self.assignment(variant_id)
+        need = round(self.assigner.needs[variant_id].memory_mb, 3)
+        return Rung(a.variant_id, a.variant_version, a.manifest_url, a.manifest_sha256, a.total_bytes, need)
 
     def accuracies(self) -> dict[str, float]:
         return {r.id: r.accuracy for r in self.catalog.variants if r.accuracy is not None and math.isfinite(r.accuracy)}

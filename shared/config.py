@@ -105,6 +105,7 @@ class DeviceConfig:
     compute: Float = 1.0  # relative compute score; 1.0 = the reference CPU
     latency_ms: Float | None = None
     password: str | None = None
+    storage_mb: Float | None = None  # MiB for a ladder's blocks; None: one variant, as before ladders
 
 
 @_section
@@ -233,6 +234,7 @@ def _check(cfg: Config) -> None:
         need(valid_device_id(d.id),
              f"device id {d.id!r} may only hold letters, digits, '-' and '_' (it is an MQTT topic level)")
         need(d.memory_mb > 0 and d.compute > 0, f"device {d.id}: memory_mb and compute must be positive")
+        need(d.storage_mb is None or 0 < d.storage_mb <= 1e9, f"device {d.id}: storage_mb must be in (0, 1e9] MiB")
     cluster = cfg.fleet.cluster
     need(cluster.coordinators >= 1, "fleet.cluster.coordinators must be >= 1")
     need(valid_device_id(cluster.share_group),

@@ -1,6 +1,8 @@
 """MQTT message schemas of the fleet protocol (docs/PROTOCOL.md): topics, payloads, strict validation.
 
-Every payload is a JSON object carrying `"v": 1`, the schema version. Messages from devices are hostile until
+Every payload is a JSON object carrying `"v"`, the schema version: 1, or 2 for what a ladder adds (a storage budget
+in the profile, rungs in the desired state, a SWITCHED status); a message is written in the lowest version that
+can carry it, so a device without a storage budget sends and receives exactly the version-1 bytes. Messages from devices are hostile until
 validated: size first, then JSON, then version, then every field (pydantic, strict: unknown fields rejected, a bool
 is not a number, numbers finite and in range, texts printable and bounded), then the device id in the payload
 against the one in the topic. A rejection is a `MessageError` whose `code` goes back to the device on its error
@@ -21,7 +23,9 @@ from pydantic_core import PydanticCustomError
 from shared.signing import SIGNATURE_FIELDS, Signer, Verifier
 from shared.vocabulary import DEVICE_ID, SHA256, TOKEN, VARIANT_ID, valid_device_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what every message without ladder fields is written in
+SCHEMA_VERSIONS = (1, 2)
+MAX_RUNGS = 8  # a ladder is short: a device switches between a few sizes, not the whole catalog
 TOPIC_ROOT = "fleet/v1"
 MAX_PAYLOAD_BYTES = 4096  # device -> coordinator messages; well below the broker's own limit
 MAX_INT = 2**53 - 1  # integers stay below 2^53: beyond it JSON numbers lose precision in other languages
@@ -29,7 +33,7 @@ KINDS = ("enroll", "desired", "status", "state", "heartbeat", "error")
 # The most a PUBLISH packet adds to its payload on a fleet topic: fixed header (1 + 4 bytes of remaining length),
 # topic length (2) and the longest topic, packet id (2), MQTT 5 property length (1).
 PUBLISH_OVERHEAD = 5 + 2 + len(f"{TOPIC_ROOT}/dev/") + 64 + 1 + max(map(len, KINDS)) + 2 + 1
-STATUS_STATES = ("DOWNLOADING", "VERIFIED", "INSTALLED", "FAILED")
+STATUS_STATES = ("DOWNLOADING", "VERIFIED", "INSTALLED", "FAILED", "SWITCHED")  # SWITCHED: version 2
 ERROR_CODES = ("oversize", "malformed_json", "unknown_version", "schema", "id_mismatch", "bad_topic", "internal")
 
 
@@ -107,6 +111,7 @@ Sha256 = _matching(SHA256)
 Count = _integer(0, MAX_INT)
 Version = _integer(1, MAX_INT)
 MemoryMB = _number(0, 1e9)
+StorageMB = _number(0, 1e9)
 ComputeScore = _number(0, 1e6)
 LatencyMs = _number(0, 1e9)
 Reason = _text(512)
@@ -123,6 +128,7 @@ class Profile:
     compute: ComputeScore  # speed relative to the catalog's reference CPU (2.0 = twice as fast)
     latency_ms: LatencyMs | None = None  # per-example inference latency the device needs, if any
     agent_version: Token = field(kw_only=True)  # required, also where the latency target is left out
+    storage_mb: StorageMB | None = field(default=None, kw_only=True)  # version 2: MiB for a ladder's blocks
 
 
 @_message
@@ -142,6 +148,19 @@ class Assignment:
 
 
 @_message
+class Rung:
+    """One rung of a ladder: delivered like an assignment, plus the memory the coordinator says it needs (MiB,
+    inference + fine-tuning + margin), which is what the device compares with the memory it has now."""
+
+    variant_id: VariantId
+    variant_version: Version
+    manifest_url: Url
+    manifest_sha256: Sha256
+    total_bytes: Count
+    memory_mb: MemoryMB
+
+
+@_message
 class Refusal:
     message: Message
     smallest: dict  # {"variant_id", "memory_mb", "compute"}: what the least demanding variant needs
@@ -157,12 +176,32 @@ class Desired:
     request_id: Token | None  # the enrollment this answers
     assignment: Assignment | None
     refusal: Refusal | None
+    rungs: list[Rung] | None = None  # version 2: the ladder, top rung (= assignment) first, memory decreasing
 
     @model_validator(mode="after")
     def _one_outcome(self):
         if (self.assignment is None) == (self.refusal is None):
             raise PydanticCustomError("outcome", "exactly one of 'assignment' and 'refusal' must be given")
+        if self.rungs is not None:
+            _check_rungs(self.rungs, self.assignment)
         return self
+
+
+def _check_rungs(rungs: list[Rung], top: Assignment | None) -> None:
+    """A ladder a device can follow: its first rung is the assignment, no variant twice, each rung needs less
+    memory than the one above it (so 'the best rung that fits' is the first that fits)."""
+    def bad(text: str):
+        raise PydanticCustomError("rungs", "{text}", {"text": text})
+    if top is None or not 1 <= len(rungs) <= MAX_RUNGS:
+        bad(f"'rungs' must list 1 to {MAX_RUNGS} rungs beside an assignment")
+    first = rungs[0]
+    if (first.variant_id, first.variant_version, first.manifest_url, first.manifest_sha256) != \
+            (top.variant_id, top.variant_version, top.manifest_url, top.manifest_sha256):
+        bad("the first rung must be the assignment")
+    if len({r.variant_id for r in rungs}) != len(rungs):
+        bad("a variant appears twice in 'rungs'")
+    if any(lower.memory_mb >= upper.memory_mb for upper, lower in zip(rungs, rungs[1:])):
+        bad("'rungs' must need strictly less memory from one rung to the next")
 
 
 @_message
@@ -170,8 +209,14 @@ class Status:
     device_id: DeviceId
     assignment_id: Token
     state: Literal[STATUS_STATES]
-    variant_id: VariantId | None = None
+    variant_id: VariantId | None = None  # for SWITCHED: the rung the device runs now
     reason: Reason | None = None
+
+    @model_validator(mode="after")
+    def _switched_names_rung(self):
+        if self.state == "SWITCHED" and self.variant_id is None:
+            raise PydanticCustomError("rungs", "a SWITCHED status must name the rung in 'variant_id'")
+        return self
 
 
 @_message
@@ -201,9 +246,25 @@ _DESIRED, _ERROR = TypeAdapter(Desired), TypeAdapter(ErrorReply)
 
 # ---- encoding --------------------------------------------------------------------------------------------
 
+def version_of(msg) -> int:
+    """The lowest schema version that carries `msg`: 2 when it uses what a ladder added, else 1."""
+    if isinstance(msg, Enroll):
+        return 2 if msg.profile.storage_mb is not None else 1
+    if isinstance(msg, Desired):
+        return 2 if msg.rungs is not None else 1
+    if isinstance(msg, Status):
+        return 2 if msg.state == "SWITCHED" else 1
+    return 1
+
+
 def encode(msg, signer: Signer | None = None) -> bytes:
-    """Any message -> compact JSON bytes with the schema version; signed (`key_id`, `sig`) when a signer is given."""
-    obj = {"v": SCHEMA_VERSION, **asdict(msg)}
+    """Any message -> compact JSON bytes in the lowest schema version that carries it (version-1 messages exactly
+    as before ladders); signed (`key_id`, `sig`) when a signer is given (the signature covers the rungs too)."""
+    obj = {"v": version_of(msg), **asdict(msg)}
+    if obj["v"] == 1:  # version 1 has no such members at all
+        obj.pop("rungs", None)
+        if isinstance(obj.get("profile"), dict):
+            obj["profile"].pop("storage_mb", None)
     if signer is not None:
         obj = signer.sign_object(obj)
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
@@ -224,6 +285,7 @@ def decode(kind: str, topic_device_id: str, payload: bytes):
     rid = rid if isinstance(rid, str) and TOKEN.fullmatch(rid) else None
     _check_version(data, rid)
     msg = _validate(_FROM_DEVICES[kind], kind, data, rid)
+    _check_version_fits(kind, data["v"], msg, rid)
     if msg.device_id != topic_device_id:
         raise MessageError("id_mismatch", f"payload device_id {msg.device_id!r} differs from the topic's "
                            f"{topic_device_id!r}", rid)
@@ -243,6 +305,7 @@ def decode_desired(device_id: str, payload: bytes, verifier: Verifier | None = N
     content = verifier.open_object(data) if verifier is not None else \
         {k: v for k, v in data.items() if k not in SIGNATURE_FIELDS}
     msg = _validate(_DESIRED, "desired", content)
+    _check_version_fits("desired", data["v"], msg, None)
     if msg.device_id != device_id:
         raise MessageError("id_mismatch", f"desired state for {msg.device_id!r} received by {device_id!r}")
     return msg
@@ -284,13 +347,22 @@ def _not_json(constant: str):
 
 
 def _check_version(data: dict, request_id: str | None) -> None:
-    """`v` is the JSON integer 1: another integer is a version this side does not speak, anything else is no version."""
+    """`v` is a JSON integer this side speaks: another integer is a version this side does not speak, anything
+    else is no version."""
     v = data.get("v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise MessageError("schema", "field 'v' (the schema version) must be an integer", request_id)
-    if v != SCHEMA_VERSION:
+    if v not in SCHEMA_VERSIONS:
         raise MessageError("unknown_version", f"schema version {str(v)[:20]} is not supported "
-                           f"(this side speaks {SCHEMA_VERSION})", request_id)
+                           f"(this side speaks {', '.join(map(str, SCHEMA_VERSIONS))})", request_id)
+
+
+def _check_version_fits(kind: str, v: int, msg, request_id: str | None) -> None:
+    """A version-1 payload carries no ladder fields and a version-2 payload carries them: one meaning per version."""
+    if version_of(msg) != v:
+        need = {"enroll": "'profile.storage_mb'", "desired": "'rungs'", "status": "state SWITCHED"}.get(kind, "")
+        raise MessageError("schema", f"{kind}: schema version {v} " + (f"requires {need}" if v == 2 else
+                           f"has no {need}: that is version 2"), request_id)
 
 
 def _validate(adapter: TypeAdapter, kind: str, data: dict, request_id: str | None = None):
@@ -312,7 +384,7 @@ def _describe(exc: ValidationError) -> str:
         return f"unknown field(s) {', '.join(map(repr, extra))[:80]}"
     if kind in ("missing", "missing_argument") or first.get("input", ...) is None:
         return f"field {field!r} is required"
-    if kind in ("pattern", "range", "text", "outcome"):
+    if kind in ("pattern", "range", "text", "outcome", "rungs"):
         return f"field {field!r} {first['msg']}" if field else first["msg"]
     if kind == "bool_type":
         return f"field {field!r} must be true or false"

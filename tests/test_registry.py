@@ -130,9 +130,10 @@ def test_a_registry_of_the_first_schema_is_migrated(tmp_path):
     registry = open_registry(str(path))
     dev = registry.device("d1")
     assert (dev.version, dev.state, dev.requests) == (3, "installed", ("r9",))
+    assert (dev.rungs, dev.running) == ((), None)  # version 3: no ladder until the device enrolls with a budget
     registry.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version FROM registry_schema").fetchall() == [(2,)]
+        assert db.execute("SELECT version FROM registry_schema").fetchall() == [(3,)]
         assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'requests'").fetchall()
 
 

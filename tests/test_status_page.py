@@ -186,6 +186,7 @@ def assert_shows_fleet(page: str, coordinator, catalog) -> None:
         presence, state, variant, version = rows[d["id"]][1:5]
         assert (presence, variant, version) == (d["presence"], d["variant_id"], f"v{d['variant_version']}")
         assert state == d["state"] + (d["reason"] or "")  # the state badge, then the reason as text
+        assert rows[d["id"]][9].split()[0] == (d["running"] or "\u2014")  # the variant (rung) it runs now
     users = {v.id: sum(d["variant_id"] == v.id for d in snapshot) for v in catalog.variants}
     assert {row[0]: int(row[-1]) for row in tables(page)["variants"]} == users
     assert f"{len(snapshot)} devices" in page and 'href="metrics"' in page and 'href="api/devices"' in page
