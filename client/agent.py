@@ -1,13 +1,15 @@
 """The device agent: enroll with a profile, follow the retained desired state, install, report, stay present.
 
 Threads: paho's network loop (callbacks only record and notify), one worker that installs and re-sends an
-unanswered enrollment, and a heartbeat thread (so a long download does not make the device look stale). The enrollment is re-sent with the same request id until an
-answer arrives, so a coordinator that died before committing it gets it again, and one that had committed it
-answers the same way (idempotent). Presence: a retained `state` message, online on connect and offline as the
-last will, numbered with a connection sequence kept in the device folder so late news of an old connection
-cannot override a newer one. The desired state's version only goes up for a device (the registry's promise), so
-the highest version followed is kept in the device folder too: an older state, even one the coordinator really
-signed, is a replay (a retained message put back by whoever can publish it) and is refused, across restarts.
+unanswered enrollment, and a heartbeat thread (so a long download does not make the device look stale). The
+enrollment is re-sent with the same request id until an answer arrives, so a coordinator that died before
+committing it gets it again, and one that had committed it answers the same way (idempotent); request ids carry a
+sequence counted on the device's disk, so coordinators can tell which of two enrollments came later. Presence: a
+retained `state` message, online on connect and offline as the last will, numbered with a connection sequence kept
+in the device folder so late news of an old connection cannot override a newer one. The desired state's version
+only goes up for a device (the registry's promise), so the highest version followed is kept in the device folder
+too: an older state, even one the coordinator really signed, is a replay (a retained message put back by whoever
+can publish it) and is refused, across restarts.
 
 Ladders (a profile with `storage_mb`): the desired state lists rungs; every rung is fetched and verified before the
 ladder replaces anything, then a memory watcher thread (`client.memory`, `client.switching`) picks the rung that
@@ -41,6 +43,7 @@ log = logging.getLogger("restnet.agent")
 
 RETRY_MAX_S = 60.0
 VERSION_FILE = "desired_version"  # in the device folder: the highest desired-state version followed
+REQUEST_FILE = "request_seq"  # in the device folder: the sequence of the last request id made (ordered ids)
 
 
 class DeviceAgent:
@@ -80,7 +83,7 @@ class DeviceAgent:
         # What the agent knows; read by tests and the fleet simulator through wait().
         self.connected = False
         self.connect_error: str | None = None
-        self.request_id = uuid.uuid4().hex[:16]
+        self.request_id = self._next_request_id()
         self.answered = False  # the current request_id got its desired state (or an error)
         self.desired: Desired | None = None
         self.last_error: ErrorReply | None = None
@@ -90,7 +93,7 @@ class DeviceAgent:
         self.installed: Manifest | None = Manifest.from_bytes(data) if data else None
         self._installed_sha = sha256_bytes(data) if data else None
         self._applied: tuple[int, str] | None = None  # (desired version, assignment id) handled
-        self._followed = _followed_version(self.device_dir / VERSION_FILE)
+        self._followed = _read_count(self.device_dir / VERSION_FILE)
         self.ladder: list[HeldRung] = read_ladder(self.device_dir)  # the rungs held, top first
         self._switcher: RungSwitcher | None = None  # made for the ladder on the first memory reading
         self.running: str | None = None  # the rung running now (ladders only)
@@ -128,10 +131,18 @@ class DeviceAgent:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def _next_request_id(self) -> str:
+        """`<sequence>.<random>` (shared.vocabulary.ORDERED_REQUEST): coordinators can tell which of two
+        enrollments this device made later, even when two of them handle both at once."""
+        path = self.device_dir / REQUEST_FILE
+        sequence = _read_count(path) + 1
+        atomic_write(path, str(sequence).encode())
+        return f"{sequence}.{uuid.uuid4().hex[:12]}"
+
     def update_profile(self, profile: Profile) -> None:
         """The device's budget changed: enroll again with a new request id."""
         with self._cond:
-            self.profile, self.request_id, self.answered = profile, uuid.uuid4().hex[:16], False
+            self.profile, self.request_id, self.answered = profile, self._next_request_id(), False
             self._enrolled_at = 0.0
             self._cond.notify_all()
 
@@ -144,7 +155,7 @@ class DeviceAgent:
 
     def _on_pre_connect(self, client, userdata):
         seq_file = self.device_dir / "presence_seq"
-        self._seq = (int(seq_file.read_text()) + 1) if seq_file.is_file() else 1
+        self._seq = _read_count(seq_file) + 1
         atomic_write(seq_file, str(self._seq).encode())
         client.will_set(topic(self.device_id, "state"), encode(Presence(self.device_id, False, self._seq)),
                         qos=1, retain=True)
@@ -362,9 +373,10 @@ class DeviceAgent:
             self._cond.notify_all()
 
 
-def _followed_version(path: Path) -> int:
+def _read_count(path: Path) -> int:
+    """A counter the agent keeps in the device folder (0 when absent)."""
     try:
         return int(path.read_text()) if path.is_file() else 0
     except ValueError:  # written atomically, so only someone else's edit: start over rather than not at all
-        log.warning("%s is not a number: every desired-state version is accepted again", path)
+        log.warning("%s is not a number: counting from 0 again", path)
         return 0

@@ -27,8 +27,10 @@ from server.versioning import VariantVersions
 from shared.messages import (Desired, Enroll, ErrorReply, Heartbeat, MessageError, Presence, Profile, Refusal, Status,
                              decode, decode_desired, encode, parse_topic, topic)
 from shared.signing import Signer
+from shared.vocabulary import request_sequence
 
 DEVICE_TOPICS = ("enroll", "status", "state", "heartbeat")  # what devices publish and the coordinator reads
+RACE_WINDOW_S = 30.0  # how long an older enrollment of a device cannot replace its current state (`overtaken`)
 
 log = logging.getLogger("restnet.coordinator")
 
@@ -87,6 +89,8 @@ class Enrollment:
         prev = self.registry.get(msg.device_id)
         if prev is not None and prev.answered(msg.request_id):  # a recent request again: the current state
             dev, result = prev, "duplicate"
+        elif prev is not None and overtaken(msg.request_id, prev, now):  # the device has moved on: the newer stands
+            dev, result = prev, "overtaken"
         else:
             dev, result = self._assign(msg.device_id, msg.profile, msg.request_id, prev, now)
             self.registry.put(dev)
@@ -170,3 +174,11 @@ class Enrollment:
         rows = self.registry.all_desired()
         out.extend(Outgoing(topic(device_id, "desired"), desired, True) for device_id, desired in rows)
         return len(rows)
+
+
+def overtaken(request_id: str, current: DeviceRow, now: float) -> bool:
+    """An enrollment the device made before the one its current state answers, arriving after it (two coordinators
+    held both at once, or a redelivery): it must not replace the newer one. Only within RACE_WINDOW_S of the
+    current state, so a device whose folder was wiped (its sequence starts over) is served again soon after."""
+    mine, answered = request_sequence(request_id), request_sequence(current.request_id)
+    return mine is not None and answered is not None and mine < answered and now - current.updated_at < RACE_WINDOW_S

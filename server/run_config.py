@@ -76,6 +76,9 @@ def run_config(cfg: Config, catalog_dir: Path | str, output_dir: Path | str, coo
     API token, if the fleet has one, to `output_dir/TOKEN_FILE`. `simulation_dir`: the virtual devices of
     `restnet fl simulate` (read by the ClientApp, `shared.node_data`)."""
     fed = cfg.federated
+    if cfg.fleet.api_token and not str(output_dir):
+        raise RestnetError("the coordinator's API token needs the run's output folder (it is written there)",
+                           "give the run an output folder")
     token_file = _write_token(Path(output_dir), cfg.fleet.api_token) if cfg.fleet.api_token else ""
     return {"catalog": _absolute(catalog_dir), "output-dir": _absolute(output_dir),
             "coordinator-url": coordinator_url, "coordinator-token-file": token_file,

@@ -16,6 +16,16 @@ VARIANT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # catalog ids join two timm 
 SHA256 = re.compile(r"[0-9a-f]{64}")  # lower-case hex, as blob names and manifest digests are written
 
 
+# A request id a device orders: "<sequence>.<random>", the sequence counting up per device (kept on its disk), so
+# a coordinator can tell which of two enrollments the device made later. Any other token stays unordered.
+ORDERED_REQUEST = re.compile(r"([0-9]{1,15})\.[A-Za-z0-9_-]{1,48}")
+
+
+def request_sequence(request_id: str) -> int | None:
+    match = ORDERED_REQUEST.fullmatch(request_id)
+    return int(match.group(1)) if match else None
+
+
 def valid_device_id(device_id: object) -> bool:
     return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None
 

@@ -389,7 +389,8 @@ def test_server_reports_each_round_and_hands_the_new_stitch_to_the_coordinator(t
         install_from_catalog(tiny_catalog, vid, node.device_dir)
         handlers[10 + i] = _device_handler(10 + i, node)
     encoding = next(k for k, v in UPDATE_FORMATS.items() if v == update_format)
-    settings = run_settings(tiny_catalog.root, data, "", f"http://127.0.0.1:{httpd.server_address[1]}", "s3cret",
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    settings = run_settings(tiny_catalog.root, data, tmp_path / "out", url, "s3cret",
                             rounds=2, update_encoding=encoding)
     try:
         results = run_federation(InProcessGrid(handlers), settings, run_id=42)

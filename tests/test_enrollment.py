@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from fleet_helpers import (DEVICES, MARGIN, _synthetic_catalog_template, assert_assignment_ok,  # noqa: F401
                            profile_of, registry_url, synthetic_catalog)
-from server.enrollment import Enrollment
+from server.enrollment import RACE_WINDOW_S, Enrollment
 from server.metrics import FleetMetrics
 from server.registry import REQUESTS_KEPT, open_registry
 from server.transport import Incoming
@@ -111,3 +111,25 @@ def test_a_failure_of_ours_answers_the_device_instead_of_leaving_it_retrying(reg
     error = decode_error(answer.payload)
     assert (answer.topic, error.code, error.request_id) == (topic(DEVICES[0].id, "error"), "internal", "r7")
     assert registry.device(DEVICES[0].id) is None  # nothing applied
+
+
+def test_an_enrollment_the_device_made_earlier_does_not_replace_a_later_one(registry_url, synthetic_catalog):
+    """Two coordinators may hold a device's two enrollments at once and commit the later one first: the earlier one,
+    committed after it, must not win. Within the race window it gets the current state; after the window it counts
+    again (a device whose folder was wiped starts its sequence over); ids without a sequence stay unordered."""
+    registry, _, enrollment = parts(registry_url, synthetic_catalog)
+    small, large = DEVICES[0], replace(DEVICES[2], id=DEVICES[0].id)  # one device, two budgets
+    later = decode_desired(small.id, enroll(enrollment, registry, large, "2.later", now=10.0)[0].payload)
+    (answer,) = enroll(enrollment, registry, small, "1.earlier", now=10.5)
+    assert decode_desired(small.id, answer.payload) == later  # the current state, nothing changed
+    row = registry.device(small.id)
+    assert (row.request_id, row.profile, row.version) == ("2.later", profile_of(large), later.version)
+
+    (answer,) = enroll(enrollment, registry, small, "1.wiped", now=10.0 + RACE_WINDOW_S + 1)
+    wiped = decode_desired(small.id, answer.payload)
+    assert wiped.request_id == "1.wiped" and wiped.version == later.version + 1  # its own budget, a new state
+    assert wiped.assignment.variant_id != later.assignment.variant_id
+
+    enroll(enrollment, registry, large, "plain-b", now=100.0)
+    enroll(enrollment, registry, small, "plain-a", now=100.5)
+    assert registry.device(small.id).request_id == "plain-a"  # unordered ids: the one committed later wins

@@ -45,3 +45,5 @@ def test_the_api_token_never_travels_in_the_run_config(tmp_path):
     path.unlink()
     with pytest.raises(RestnetError, match="cannot read the coordinator's API token"):
         RunSettings.from_run_config(config)
+    with pytest.raises(RestnetError, match="needs the run's output folder"):  # not into the working folder
+        run_config(cfg, tmp_path / "cat", "")

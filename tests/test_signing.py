@@ -21,6 +21,7 @@ from server.registry import open_registry
 from shared.errors import IntegrityError
 from shared.messages import Assignment, Desired, Refusal, decode_desired, encode, topic
 from shared.signing import SignatureError, Signer, Verifier, canonical, generate_key, load_signer, load_verifier
+from shared.vocabulary import request_sequence
 
 
 @pytest.fixture
@@ -141,6 +142,7 @@ def test_an_older_state_replayed_is_refused_even_after_a_restart(tmp_path, mosqu
     signed_v1 = coordinator.registry.device(device.id).desired  # exactly what was published, signature included
     assert json.loads(signed_v1)["version"] == first.version and "sig" in json.loads(signed_v1)
     agent.update_profile(profile_of(DEVICES[2]))  # a larger budget: another variant, the next version
+    assert request_sequence(agent.request_id) == request_sequence(first.request_id) + 1  # ordered request ids
     assert agent.wait(lambda a: settled(a) and a.desired.version > first.version, 60)
     assert agent.installed.variant_id != first.assignment.variant_id
     upgraded = agent.installed.sha256
@@ -153,6 +155,7 @@ def test_an_older_state_replayed_is_refused_even_after_a_restart(tmp_path, mosqu
     again = device_agents(fleet, device)
     assert wait_until(lambda: again.failure is not None and "already followed" in again.failure, 30)
     assert again.desired is None and again.installed.sha256 == upgraded
+    assert request_sequence(again.request_id) == request_sequence(first.request_id) + 2  # counted on across restarts
 
 
 class Tamper(BaseHTTPRequestHandler):
