@@ -8,7 +8,9 @@ ClientApp processes too), a training ClientApp takes one of N slot files (`slot-
 `fcntl.flock` before importing torch, and keeps it until the process ends. The kernel drops a lock when its
 holder's file descriptor closes, so a process that crashes or is killed frees its slot: nothing to clean up.
 
-Without the variables (a real device: one SuperNode per machine) nothing is locked.
+Without the variables (a real device: one SuperNode per machine) nothing is locked. Not for the simulation
+engine (`restnet fl simulate`): its ClientApp actors live for the whole run, so an actor would keep its slot and,
+with fewer slots than actors, the others would wait for ever.
 """
 from __future__ import annotations
 
