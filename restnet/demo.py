@@ -50,7 +50,7 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars or Flower log")
     d.add_argument("--torch-slots", type=int,
                    help="at most this many training ClientApps load torch at once on this machine "
-                        "(default: the number of cores; 0 = no cap, every device's at once)")
+                        "(default: the cores it may use; 0 = no cap, every device's at once)")
     d.set_defaults(func=run)
 
 
@@ -98,9 +98,9 @@ def cap_torch_processes(folder: Path, count: int | None) -> None:
     """The devices all run on this machine: at most `count` of their training ClientApps hold torch at once
     (`shared.host_slots`, through the environment every SuperNode and its ClientApps inherit). Six torch processes
     on a few cores buy no speed and cost ~1 GB each."""
-    from shared.host_slots import SLOTS_DIR_ENV, SLOTS_ENV
+    from shared.host_slots import SLOTS_DIR_ENV, SLOTS_ENV, default_slots
 
-    count = (os.cpu_count() or 2) if count is None else count
+    count = default_slots() if count is None else count
     if count <= 0:
         os.environ.pop(SLOTS_ENV, None)
         os.environ.pop(SLOTS_DIR_ENV, None)

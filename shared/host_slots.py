@@ -25,6 +25,14 @@ SLOTS_DIR_ENV = "RESTNET_TORCH_SLOTS_DIR"
 _HELD: list[int] = []  # this process's slot file descriptors: held until it exits
 
 
+def default_slots() -> int:
+    """The cores this process may run on (a container's or `taskset`'s limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 2
+
+
 def slots_from_env(environ=os.environ) -> tuple[Path, int] | None:
     """(folder, count) when this host caps its heavy processes, else None (also for a count of 0)."""
     count, folder = environ.get(SLOTS_ENV, "").strip(), environ.get(SLOTS_DIR_ENV, "").strip()

@@ -99,12 +99,13 @@ def test_the_demo_prints_the_peak_memory_of_its_whole_process_tree(demo_run):
 def test_training_clientapps_take_the_hosts_torch_slots(demo_run):
     """The devices share one machine: every training ClientApp took one of the demo's torch slots (one per core,
     `shared.host_slots`) and no more of them trained at once than there are slots."""
+    from shared.host_slots import default_slots
     from tests.test_host_slots import max_overlap
 
     entries = [json.loads(line) for path in (demo_run["root"] / "out" / "run" / "devices").glob("*/fl_history.jsonl")
                for line in path.read_text().splitlines()]
     assert len(entries) == 2 * len(demo_run["cfg"]["fleet"]["devices"])
-    slots = os.cpu_count() or 2
+    slots = default_slots()
     assert {e["slot"] for e in entries} <= set(range(slots))  # None: took no slot
     assert max_overlap([(e["slot_at"], e["time"]) for e in entries]) <= slots
 

@@ -92,3 +92,11 @@ def test_settings():
     assert slots_from_env({SLOTS_ENV: "0", SLOTS_DIR_ENV: "/x"}) is None
     assert slots_from_env({SLOTS_ENV: "2"}) is None
     assert slots_from_env({SLOTS_ENV: "2", SLOTS_DIR_ENV: "/x"}) == (Path("/x"), 2)
+
+
+def test_default_slots_are_the_cores_this_process_may_use():
+    """`taskset -c 0` on a multi-core machine: one slot, not the machine's core count."""
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                          "from shared.host_slots import default_slots; print(default_slots())"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
