@@ -13,6 +13,7 @@ The node config (written by `client.supernode`) says where the device keeps its 
   sha256s and the partition, verified on reuse), so only a device's first round runs the front.
   Every training request is appended to `<device-dir>/fl_history.jsonl` (what was received, what was sent back,
   whether the front ran, and where the time went).
+  On a host that caps its torch processes (`shared.host_slots`: the demo), training first waits for a slot.
 
 A SuperNode starts one ClientApp process per message (in Flower 1.41 with either isolation mode: `process` only
 moves the spawning to a separate `flower-superexec`; `benchmarks/round_bench.py`); a process that serves many
@@ -35,6 +36,7 @@ from flwr.clientapp import ClientApp
 from client.ladder_store import running_manifest_bytes
 from shared.node_data import NodeData
 from shared.errors import IntegrityError, RestnetError
+from shared.host_slots import acquire_from_env
 from shared.vocabulary import FLOAT16, UPDATE_FORMATS
 
 HISTORY = "fl_history.jsonl"
@@ -97,6 +99,10 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     """Train the installed variant's stitching layer from the received `arrays` (numpy, as they arrive);
     returns (the change to send back, in the requested update format; metrics)."""
     received_at = received_at or time.time()
+    # On a host running several SuperNodes, wait for one of its torch slots first (`shared.host_slots`; held until
+    # this process ends); nothing is configured on a device running one SuperNode.
+    slot = acquire_from_env()
+    slot_at = time.time()
     # Imported here, not at the top: torch costs seconds and a query never needs it.
     import torch
 
@@ -131,6 +137,8 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
              # where the time went: process start (create time of this process), message received, torch & co
              # imported, variant loaded, front outputs ready (computed or read), then training
              "pid": os.getpid(), "process_started": _PROCESS_STARTED, "received_at": received_at,
+             "slot": None if slot is None else slot[0], "slot_wait_seconds": 0.0 if slot is None else slot[1],
+             "slot_at": slot_at,
              "imported_at": imported_at, "loaded_at": loaded_at, "front_at": front_at, **metrics}
     with open(node.device_dir / HISTORY, "a") as fh:
         fh.write(json.dumps(entry) + "\n")

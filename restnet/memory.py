@@ -2,7 +2,7 @@
 
 Two sums per sample: RSS (what `top` shows per process; the shared library pages of torch, ~400 MiB per process
 here, count once per process) and PSS (each shared page split between the processes that map it: the machine's
-real use). The peak of each sum is kept.
+real use, the figure the demo's memory goal is about). The peak of each sum is kept.
 """
 from __future__ import annotations
 
@@ -61,5 +61,8 @@ class TreeMemory:
         self._thread.join()
 
     def summary(self) -> str:
-        return (f"peak resident memory of the demo's {self.peak_processes} processes: {self.peak_rss / MIB:,.0f} MiB "
-                f"(sum of RSS; {self.peak_pss / MIB:,.0f} MiB sum of PSS, shared library pages counted once)")
+        """PSS first: it is the physical memory the processes use (a page shared by several processes, as torch's
+        libraries are, is split between them); the sum of RSS counts such a page once per process that maps it."""
+        return (f"peak memory of the demo's {self.peak_processes} processes: {self.peak_pss / MIB:,.0f} MiB "
+                f"(sum of PSS: physical memory, pages shared between processes counted once); sum of RSS "
+                f"{self.peak_rss / MIB:,.0f} MiB (each process's shared library pages counted again)")

@@ -90,10 +90,24 @@ def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
 
 def test_the_demo_prints_the_peak_memory_of_its_whole_process_tree(demo_run):
     """Sampled over every process the demo started (SuperLink, SuperNodes, their ServerApp and ClientApps)."""
-    assert "peak resident memory of the demo's" in demo_run["stdout"]
+    assert "peak memory of the demo's" in demo_run["stdout"] and "sum of PSS" in demo_run["stdout"]
     memory = json.loads((demo_run["root"] / "out" / "demo.json").read_text())["memory"]
     assert memory["processes"] > 1 + 2 * len(demo_run["cfg"]["fleet"]["devices"])  # SuperNodes + their superexecs
     assert memory["peak_rss_bytes"] > memory["peak_pss_bytes"] > 0  # torch's shared pages count once in PSS
+
+
+def test_training_clientapps_take_the_hosts_torch_slots(demo_run):
+    """The devices share one machine: every training ClientApp took one of the demo's torch slots (one per core,
+    `shared.host_slots`) and no more of them trained at once than there are slots."""
+    from shared.host_slots import default_slots
+    from tests.test_host_slots import max_overlap
+
+    entries = [json.loads(line) for path in (demo_run["root"] / "out" / "run" / "devices").glob("*/fl_history.jsonl")
+               for line in path.read_text().splitlines()]
+    assert len(entries) == 2 * len(demo_run["cfg"]["fleet"]["devices"])
+    slots = default_slots()
+    assert {e["slot"] for e in entries} <= set(range(slots))  # None: took no slot
+    assert max_overlap([(e["slot_at"], e["time"]) for e in entries]) <= slots
 
 
 def test_the_catalog_rises_with_size_as_delivered(demo_run):
