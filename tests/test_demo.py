@@ -171,8 +171,11 @@ def test_no_process_is_left_running(demo_run):
 
 
 def test_ctrl_c_stops_every_process(demo_run):
-    """A second run reuses the catalog; interrupt it once the devices are enrolling."""
-    proc = run_demo(demo_run["config"], demo_run["root"] / "out")
+    """A second run reuses the catalog; interrupt it once the devices are enrolling. Ctrl-C as from a terminal: a
+    suite started in the background by a shell without job control inherits SIGINT ignored, and Python then turns
+    no SIGINT into KeyboardInterrupt, so the child gets the default disposition back."""
+    proc = run_demo(demo_run["config"], demo_run["root"] / "out",
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.monotonic() + 300
     while "enrolling" not in seen and time.monotonic() < deadline and proc.poll() is None:
