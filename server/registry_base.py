@@ -38,6 +38,20 @@ PUT = (f"INSERT INTO devices ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) 
        "requests = excluded.requests, rungs = excluded.rungs, running = excluded.running")
 
 
+# Schema steps after the first, the same SQL on every engine (each engine's own module holds step 1, its dialect).
+LATER_STEPS = [
+    [  # 2: at most REQUESTS_KEPT request ids per device, in its row; a device keeps its current one
+        "ALTER TABLE devices ADD COLUMN requests TEXT NOT NULL DEFAULT ''",
+        "UPDATE devices SET requests = request_id",
+        "DROP TABLE requests",
+    ],
+    [  # 3: a ladder's rungs ("variant@version", top first) and the rung the device runs
+        "ALTER TABLE devices ADD COLUMN rungs TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE devices ADD COLUMN running TEXT",
+    ],
+]
+
+
 @dataclass
 class DeviceRow:
     id: str

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from server.registry_base import COLUMNS, PUT, DeviceRow, Registry, decode_row, put_params
+from server.registry_base import COLUMNS, LATER_STEPS, PUT, DeviceRow, Registry, decode_row, put_params
 from shared.errors import ConfigError
 
 IDLE_IN_TRANSACTION_S = 30
@@ -61,16 +61,7 @@ STEPS = [
             seq BIGINT NOT NULL,
             last_seen DOUBLE PRECISION NOT NULL)""",
     ],
-    [  # 2: at most REQUESTS_KEPT request ids per device, in its row; a device keeps its current one
-        "ALTER TABLE devices ADD COLUMN requests TEXT NOT NULL DEFAULT ''",
-        "UPDATE devices SET requests = request_id",
-        "DROP TABLE requests",
-    ],
-    [  # 3: a ladder's rungs ("variant@version", top first) and the rung the device runs
-        "ALTER TABLE devices ADD COLUMN rungs TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE devices ADD COLUMN running TEXT",
-    ],
-]
+] + LATER_STEPS
 
 
 def device_key(device_id: str) -> int:

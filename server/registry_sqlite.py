@@ -11,7 +11,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.registry_base import Registry
+from server.registry_base import LATER_STEPS, Registry
 
 # Schema versions (docs/ARCHITECTURE.md, "Registry"): step n takes version n-1 to n. Never edit a released step.
 STEPS = [
@@ -38,16 +38,7 @@ STEPS = [
             seq INTEGER NOT NULL,
             last_seen REAL NOT NULL)""",
     ],
-    [  # 2: at most REQUESTS_KEPT request ids per device, in its row; a device keeps its current one
-        "ALTER TABLE devices ADD COLUMN requests TEXT NOT NULL DEFAULT ''",
-        "UPDATE devices SET requests = request_id",
-        "DROP TABLE requests",
-    ],
-    [  # 3: a ladder's rungs ("variant@version", top first) and the rung the device runs
-        "ALTER TABLE devices ADD COLUMN rungs TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE devices ADD COLUMN running TEXT",
-    ],
-]
+] + LATER_STEPS
 
 
 def _connect(path: str) -> sqlite3.Connection:
