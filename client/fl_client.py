@@ -13,17 +13,17 @@ The node config (written by `client.supernode`) says where the device keeps its 
   sha256s and the partition, verified on reuse), so only a device's first round runs the front.
   Every training request is appended to `<device-dir>/fl_history.jsonl` (what was received, what was sent back,
   whether the front ran, and where the time went).
-  On a host that caps its torch processes (`shared.host_slots`: the demo), training first waits for a slot.
 
-A SuperNode starts one ClientApp process per message (in Flower 1.41 with either isolation mode: `process` only
-moves the spawning to a separate `flower-superexec`; `benchmarks/round_bench.py`); a process that serves many
-messages (the simulation engine's actors) also keeps the loaded variants in memory (`_loaded_variant`), keyed by
-the manifest's sha256.
+Our SuperNodes run this app inside the device's agent process (`client.clientapp_host`), which serves message
+after message: torch is imported once and the loaded variants stay in memory (`_loaded_variant`, keyed by the
+manifest's sha256), as in the simulation engine's actors. Under Flower's own executor the same app runs in a new
+process per message and pays for all of it every time (`benchmarks/round_bench.py`).
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +33,10 @@ import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.clientapp_host import task_acquired_at
 from client.ladder_store import running_manifest_bytes
 from shared.node_data import NodeData
 from shared.errors import IntegrityError, RestnetError
-from shared.host_slots import acquire_from_env
 from shared.vocabulary import FLOAT16, UPDATE_FORMATS
 
 HISTORY = "fl_history.jsonl"
@@ -77,7 +77,12 @@ class TrainRequest:
 
 
 _LOADED: dict[tuple[str, str], object] = {}  # (device dir, manifest sha256) -> the verified model
-_LOADED_MAX = 8
+# One training at a time in a process, whichever device it is for: building a variant traces it with torch.fx,
+# which patches `torch.nn.Module.__call__` process-wide while it runs, so another thread's forward pass at that
+# moment fails ("module is not installed as a submodule"). A host's devices then take turns, a few tenths of a
+# second each for the stitch-only rounds, and the process holds one training's tensors at a time.
+_TRAINING = threading.Lock()
+_LOADED_MAX = 16  # a host may serve several devices (the demo: six), each with a ladder of rungs
 
 
 def _loaded_variant(device_dir: Path, manifest):
@@ -99,11 +104,13 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
     """Train the installed variant's stitching layer from the received `arrays` (numpy, as they arrive);
     returns (the change to send back, in the requested update format; metrics)."""
     received_at = received_at or time.time()
-    # On a host running several SuperNodes, wait for one of its torch slots first (`shared.host_slots`; held until
-    # this process ends); nothing is configured on a device running one SuperNode.
-    slot = acquire_from_env()
-    slot_at = time.time()
-    # Imported here, not at the top: torch costs seconds and a query never needs it.
+    with _TRAINING:
+        return _local_update(node, req, arrays, run_id, received_at)
+
+
+def _local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int, received_at: float):
+    turn_at = time.time()
+    # Imported here, not at the top: torch costs seconds in a fresh process and a query never needs it.
     import torch
 
     from shared.artifacts import Manifest, sha256_bytes, tensors_to_bytes
@@ -134,11 +141,11 @@ def local_update(node: NodeData, req: TrainRequest, arrays: dict, run_id: int = 
              "partition_id": node.partition_id, "installed_version": manifest.version, "server_version": req.version,
              "received_sha256": sha256_bytes(tensors_to_bytes(state)),
              "sent_sha256": sha256_bytes(tensors_to_bytes(delta)), "front_key": key, "front_cached": cached,
-             # where the time went: process start (create time of this process), message received, torch & co
-             # imported, variant loaded, front outputs ready (computed or read), then training
-             "pid": os.getpid(), "process_started": _PROCESS_STARTED, "received_at": received_at,
-             "slot": None if slot is None else slot[0], "slot_wait_seconds": 0.0 if slot is None else slot[1],
-             "slot_at": slot_at,
+             # where the time went: the message's handling started (task acquired by the agent's host, else this
+             # process created), message received, its turn to train (`_TRAINING`), torch & co imported, variant
+             # loaded, front outputs ready (computed or read), then training
+             "pid": os.getpid(), "hosted": task_acquired_at() is not None,
+             "started_at": task_acquired_at() or _PROCESS_STARTED, "received_at": received_at, "turn_at": turn_at,
              "imported_at": imported_at, "loaded_at": loaded_at, "front_at": front_at, **metrics}
     with open(node.device_dir / HISTORY, "a") as fh:
         fh.write(json.dumps(entry) + "\n")

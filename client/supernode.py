@@ -1,5 +1,10 @@
-"""A device's Flower SuperNode, started after a variant is installed (a `shared.processes.ManagedProcess`, so
-stopping it stops its `flower-superexec` and ClientApp processes too).
+"""A device's Flower SuperNode, started after a variant is installed (a `shared.processes.ManagedProcess`).
+
+By default the SuperNode runs with `--isolation process` and its tasks are served by a `ClientAppHost` in this
+process (`client.clientapp_host`): the ClientApp stays warm between rounds, and no `flower-superexec` or
+per-message `flwr-clientapp` process is started. `hosted=False` keeps Flower's own executor (a superexec child
+starting one ClientApp process per message; stopping the SuperNode stops those too), which the round benchmark
+compares against.
 
 The SuperNode's node config (`<device-dir>/node-config.toml`) points at the device folder and its data
 (`shared.node_data.NodeData`); its Flower state (the installed app bundles) lives in `<device-dir>/flwr` and its
@@ -18,6 +23,7 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from client.clientapp_host import ClientAppHost
 from shared.artifacts import atomic_write
 from shared.flower_link import LinkSecurity
 from shared.node_data import NodeData
@@ -56,16 +62,18 @@ class SuperNode:
     """A device's `flower-supernode`, connected to a SuperLink, running our ClientApp for its installed variant."""
 
     def __init__(self, node: NodeData, superlink: str, security: LinkSecurity, port: int | None = None,
-                 auth_private_key: str | None = None):
+                 auth_private_key: str | None = None, hosted: bool = True):
         """`security`: TLS with the SuperLink's CA, or insecure when asked for; `auth_private_key`: this device's
-        key (`generate_supernode_key`) when the SuperLink admits registered SuperNodes only."""
-        self.node, self.superlink = node, superlink
+        key (`generate_supernode_key`) when the SuperLink admits registered SuperNodes only; `hosted`: run the
+        ClientApp in this process (else Flower starts a process per message)."""
+        self.node, self.superlink, self.hosted = node, superlink, hosted
         self.fixed_port = port is not None
         self.port = port or free_port()  # the node's local runtime API (its superexec talks to it)
         self.security = security.supernode_args()
         if auth_private_key:
             self.security += ["--auth-supernode-private-key", str(auth_private_key)]
         self.process: ManagedProcess | None = None
+        self.host: ClientAppHost | None = None
 
     @property
     def running(self) -> bool:
@@ -76,9 +84,15 @@ class SuperNode:
         device_dir = self.node.device_dir
         cmd = [flower_executable("flower-supernode"), *self.security, "--superlink", self.superlink,
                "--port", str(self.port), "--node-config", str(write_node_config(self.node))]
+        if self.hosted:
+            cmd += ["--isolation", "process"]
         self.process = ManagedProcess(f"supernode {device_dir.name}", cmd, device_dir / "supernode.log",
                                       env={"FLWR_HOME": str(device_dir / "flwr")}, ports=(self.port,))
         self.process.start()
+        if self.hosted and self.host is None:
+            from client.fl_client import app
+
+            self.host = ClientAppHost(self.runtime_address, app, device_dir.name).start()
         if wait:
             self.wait_ready()
         return self
@@ -92,9 +106,19 @@ class SuperNode:
                 if self.fixed_port or attempt == attempts:
                     raise
                 self.port = free_port()
+                self.stop()
                 self.start(wait=False)
 
+    @property
+    def runtime_address(self) -> str:
+        """Where the SuperNode serves its local runtime API (the ClientApp's executor talks to it); read when
+        used, as `wait_ready` may move the port."""
+        return f"127.0.0.1:{self.port}"
+
     def stop(self, timeout: float = 15.0) -> None:
+        if self.host is not None:
+            self.host.stop()
+            self.host = None
         if self.process is not None:
             self.process.stop(timeout)
             self.process = None

@@ -53,9 +53,6 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--pressure", action="store_true",
                    help="instead of federated rounds: squeeze the roomiest device's memory and release it; its "
                         "ladder steps down and back up (restnet/pressure.py)")
-    d.add_argument("--torch-slots", type=int,
-                   help="at most this many training ClientApps load torch at once on this machine "
-                        "(default: the cores it may use; 0 = no cap, every device's at once)")
     d.set_defaults(func=run)
 
 
@@ -97,22 +94,6 @@ def pin_threads(count: int = THREADS) -> None:
     # the Flower processes run gRPC and HTTP threads that need none of that.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     torch.set_num_threads(count)
-
-
-def cap_torch_processes(folder: Path, count: int | None) -> None:
-    """The devices all run on this machine: at most `count` of their training ClientApps hold torch at once
-    (`shared.host_slots`, through the environment every SuperNode and its ClientApps inherit). Six torch processes
-    on a few cores buy no speed and cost ~1 GB each."""
-    from shared.host_slots import SLOTS_DIR_ENV, SLOTS_ENV, default_slots
-
-    count = default_slots() if count is None else count
-    if count <= 0:
-        os.environ.pop(SLOTS_ENV, None)
-        os.environ.pop(SLOTS_DIR_ENV, None)
-        say("torch processes: no cap (every device's ClientApp at once)")
-        return
-    os.environ[SLOTS_ENV], os.environ[SLOTS_DIR_ENV] = str(count), str(folder.resolve())
-    say(f"torch processes: at most {count} training ClientApps at once on this machine")
 
 
 def run(args) -> int:
@@ -159,7 +140,6 @@ def _run(args, memory) -> int:
     if fleet.broker.url.startswith("embedded") and args.broker_port is not None:
         fleet.broker.url = f"embedded://127.0.0.1:{args.broker_port or free_port()}"
     device_ids = [d.id for d in fleet.devices]
-    cap_torch_processes(run_dir / "torch-slots", args.torch_slots)
 
     with ExitStack() as stack:
         coordinator = Coordinator(fleet, catalog).start()

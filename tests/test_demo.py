@@ -73,7 +73,8 @@ def demo_run(tmp_path_factory):
     config.write_text(yaml.safe_dump(cfg))
     proc = run_demo(config, root / "out")
     out, err = proc.communicate(timeout=1500)
-    return {"code": proc.returncode, "stdout": out, "stderr": err, "root": root, "config": config, "cfg": cfg}
+    return {"code": proc.returncode, "stdout": out, "stderr": err, "root": root, "config": config, "cfg": cfg,
+            "pid": proc.pid}
 
 
 def delivered(demo_run) -> Catalog:
@@ -89,25 +90,21 @@ def test_demo_runs_to_the_end_and_prints_every_device(demo_run):
 
 
 def test_the_demo_prints_the_peak_memory_of_its_whole_process_tree(demo_run):
-    """Sampled over every process the demo started (SuperLink, SuperNodes, their ServerApp and ClientApps)."""
+    """Sampled over every process the demo started (SuperLink, SuperNodes, the ServerApp)."""
     assert "peak memory of the demo's" in demo_run["stdout"] and "sum of PSS" in demo_run["stdout"]
     memory = json.loads((demo_run["root"] / "out" / "demo.json").read_text())["memory"]
-    assert memory["processes"] > 1 + 2 * len(demo_run["cfg"]["fleet"]["devices"])  # SuperNodes + their superexecs
+    assert memory["processes"] > 1 + len(demo_run["cfg"]["fleet"]["devices"])  # the demo, SuperLink, SuperNodes
     assert memory["peak_rss_bytes"] > memory["peak_pss_bytes"] > 0  # torch's shared pages count once in PSS
 
 
-def test_training_clientapps_take_the_hosts_torch_slots(demo_run):
-    """The devices share one machine: every training ClientApp took one of the demo's torch slots (one per core,
-    `shared.host_slots`) and no more of them trained at once than there are slots."""
-    from shared.host_slots import default_slots
-    from tests.test_host_slots import max_overlap
-
+def test_every_devices_rounds_ran_in_the_demos_own_process(demo_run):
+    """The devices' ClientApps are hosted by their agents (`client.clientapp_host`), here all in the demo's
+    process: no ClientApp process per message, torch imported once, each variant loaded once."""
     entries = [json.loads(line) for path in (demo_run["root"] / "out" / "run" / "devices").glob("*/fl_history.jsonl")
                for line in path.read_text().splitlines()]
     assert len(entries) == 2 * len(demo_run["cfg"]["fleet"]["devices"])
-    slots = default_slots()
-    assert {e["slot"] for e in entries} <= set(range(slots))  # None: took no slot
-    assert max_overlap([(e["slot_at"], e["time"]) for e in entries]) <= slots
+    assert {(e["pid"], e["hosted"]) for e in entries} == {(demo_run["pid"], True)}
+    assert all(e["front_cached"] for e in entries if e["round"] == 2)
 
 
 def test_the_catalog_rises_with_size_as_delivered(demo_run):

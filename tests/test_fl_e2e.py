@@ -130,7 +130,9 @@ def test_two_variants_two_rounds_with_a_node_killed_mid_round(tiny_catalog, tmp_
     assert rounds[1, variants[1]]["num_updates"] == 2
     for vid in variants:
         assert rounds[2, vid]["num_updates"] == 2 and rounds[2, vid]["num_nodes"] == 2
-    assert 2 in _history(devices[0]) and 1 not in _history(devices[0])
+    # The killed node's round-1 reply never reached the server (its training, hosted in this process, may have
+    # finished: the reply had no SuperNode to go through); the restarted node took part in round 2.
+    assert 2 in _history(devices[0])
 
     for (rnd, vid), rec in rounds.items():
         assert rec["rejected"] == {} and rec["failed"] == 0

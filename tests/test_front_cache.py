@@ -126,3 +126,46 @@ def test_the_key_follows_what_the_outputs_depend_on(tiny_catalog, tmp_path):
     retrained = ma.blocks[0].__class__(ma.blocks[0].role, ma.blocks[0].index, "f" * 64, ma.blocks[0].size)
     changed = ma.__class__(ma.variant_id, ma.version, ma.architecture, [retrained, *ma.blocks[1:]], ma.record)
     assert front_key(changed, node.train_partition_description()) != base  # a front block with new weights
+
+
+def test_devices_of_one_process_train_at_once_without_interfering(tiny_catalog, tmp_path):
+    """An agent process hosting several devices (`client.clientapp_host`; the demo hosts six) gets their training
+    requests at the same moment: device 0 trains for a while (forward passes) as the others load (torch.fx-trace)
+    their variants. Every request must succeed and give what it gives alone."""
+    import threading
+
+    from shared.artifacts import bytes_to_tensors
+
+    variants = tiny_catalog.variants[:2]
+    devices = []
+    for i in range(6):
+        manifest = install_from_catalog(tiny_catalog, variants[i % 2].id, tmp_path / f"dev{i}")
+        devices.append((NodeData(tmp_path / f"dev{i}", DATA, i % 2, 2, PartitionConfig("iid")), manifest))
+
+    def request(node, manifest, epochs=1):
+        stitch = bytes_to_tensors(BlobStore(node.device_dir / "blobs").read(manifest.stitch_block().sha256))
+        return TrainRequest(manifest.variant_id, manifest.version, 1, epochs, 0.05, 32), \
+            {k: v.numpy() for k, v in stitch.items()}
+
+    def train(i, node, manifest, results, errors, start):
+        req, arrays = request(node, manifest, epochs=20 if i == 0 else 1)
+        start.wait()
+        try:
+            results[i] = local_update(node, req, arrays)[0]
+        except Exception as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(f"device {i}: {exc!r}")
+
+    for attempt in range(3):  # a race: three chances to overlap the loads with device 0's training
+        fl_client._LOADED.clear()
+        local_update(devices[0][0], *request(*devices[0]))  # device 0's variant loaded and its front cached
+        results, errors, start = {}, [], threading.Barrier(len(devices))
+        threads = [threading.Thread(target=train, args=(i, *d, results, errors, start)) for i, d in enumerate(devices)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert errors == [] and len(results) == len(devices), f"attempt {attempt}"
+        # devices 1, 3, 5 and 2, 4 share variant and partition: the same training, the same change, however they ran
+        for i, j in ((1, 3), (3, 5), (2, 4)):
+            assert all((results[i][k] == results[j][k]).all() for k in results[i])
+    fl_client._LOADED.clear()
