@@ -99,14 +99,16 @@ def row(name: str, s: dict, long_running: bool = False) -> list:
             f"{s['train']:.3f}s", f"{outside / s['train']:.2f}", f"{s['pids']}/{s['rounds']}"]
 
 
-def deployment(cfg, catalog, out: Path, rounds: int) -> list[list]:
+def deployment(cfg, catalog, out: Path, rounds: int, nodes: tuple[str, ...] = NODES) -> list[list]:
+    """`nodes` train in the same rounds, each on a 1/len(NODES) share of the data (the same share size however
+    many run)."""
     variant = max(catalog.variants, key=lambda v: v.params).id
     part = PartitionConfig("iid")
     link = SuperLink(out / "flower").start()
     procs, stop = [], threading.Event()
     try:
         dirs = []
-        for i, name in enumerate(NODES):
+        for i, name in enumerate(nodes):
             device_dir = out / f"dev{i}"
             install_from_catalog(catalog, variant, device_dir)
             dirs.append(device_dir)
@@ -128,8 +130,10 @@ def deployment(cfg, catalog, out: Path, rounds: int) -> list[list]:
             else:
                 procs.append(SuperNode(node, link.address, link.security, hosted=name.startswith("hosted")))
                 procs[-1].start()
-        threading.Thread(target=forget_cache_each_round, args=(dirs[0], stop), daemon=True).start()
-        config = run_config(cfg, catalog.root, out / "fl", min_nodes=len(NODES), rounds=rounds)
+        for name, device_dir in zip(nodes, dirs):
+            if "no cache" in name:
+                threading.Thread(target=forget_cache_each_round, args=(device_dir, stop), daemon=True).start()
+        config = run_config(cfg, catalog.root, out / "fl", min_nodes=len(nodes), rounds=rounds)
         outcome = flwr_run(link.address, config, out / "flwr-home", out / "flower.log", link.security, 1800)
         if not outcome.ok:
             raise SystemExit(f"the Flower run ended {outcome.status}: see {out / 'flower.log'}")
@@ -139,7 +143,7 @@ def deployment(cfg, catalog, out: Path, rounds: int) -> list[list]:
             p.stop()
         link.stop()
     rows = []
-    for name, device_dir in zip(NODES, dirs):
+    for name, device_dir in zip(nodes, dirs):
         entries = history(device_dir)
         later = [e for e in entries if e["round"] > 1] if "no cache" not in name else entries
         rows.append(row(name, split(later)))
@@ -184,6 +188,10 @@ def main() -> None:
     ensure_catalog(cfg, out / "catalog", rebuild=False, progress=False)
     catalog = Catalog.load(out / "catalog")
     rows = deployment(cfg, catalog, out / "deploy", args.rounds)
+    # The same hosted device alone: without the per-message processes above starting (and importing torch) on
+    # the same cores at the moment it pulls its task, as on a device that runs one SuperNode.
+    shutil.rmtree(out / "deploy-alone", ignore_errors=True)
+    rows += [[f"{r[0]}, alone", *r[1:]] for r in deployment(cfg, catalog, out / "deploy-alone", args.rounds, NODES[-1:])]
     rows.append(simulation(args.config, out / "catalog", out / "sim", args.rounds))
     print(format_table(["ClientApp", "start (new process / task pull)", "turn", "imports", "load", "front pass", "training",
                         "outside / training", "processes / rounds"], rows))

@@ -31,12 +31,21 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.common.serde import context_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
+                                                                 make_pull_object_fn_protobuf)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "restnet-fleet"  # [project] name in pyproject.toml: the bundle's id is "<publisher>/<name>"
 POLL_S = 0.05  # how often an idle host asks its SuperNode for a task (Flower's superexec: every 1 s)
+# A task is often handed out before the SuperNode holds every part of its message (it fetches them from the
+# SuperLink); Flower's pull then first waits 1 s, longer than a whole stitch-only round here.
+PART_RETRY_S = 0.02
 _task = threading.local()  # the task this thread runs: when it was acquired
 
 
@@ -107,8 +116,8 @@ class ClientAppHost:
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            heartbeat.start()
-            message, context, run, _fab = pull_task_input(client)
+            message, context, run = self._pull_input(client)
+            heartbeat.start()  # after the pull, not racing it: a task is kept alive while the app runs
             check_app_bundle(run.fab_id, run.fab_version)
             reply = self.app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
@@ -124,9 +133,25 @@ class ClientAppHost:
             except Exception as exc:  # noqa: BLE001 - the SuperNode reports the missing reply to the server
                 log.error("%s: could not push the reply: %s", self.name, exc)
             push_task_output(client=client, context=context, sub_status=status, details=details)
-            heartbeat.stop()
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
             self.tasks_done += 1
+
+    @staticmethod
+    def _pull_input(client: RuntimeHttpClient):
+        """The task's context, run and message from the SuperNode (what Flower's `pull_task_input` does, without
+        the app bundle, which this host never runs, and retrying a part not there yet after 20 ms, not 1 s)."""
+        task = client.PullTaskInput(PullTaskInputRequest())
+        context, run = context_from_proto(task.context), run_from_proto(task.run)
+        tree = client.PullMessages(PullAppMessagesRequest()).message_object_trees[0]
+        node = Node(node_id=context.node_id)
+        message = pull_and_inflate_object_from_tree(
+            tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+            return_type=Message, initial_backoff=PART_RETRY_S, backoff_cap=1.0)
+        message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message does not carry its own id
+        return message, context, run
 
     @staticmethod
     def _heartbeat(client: RuntimeHttpClient) -> bool:
