@@ -532,7 +532,7 @@ def test_dashboard_parses_and_uses_only_exported_metrics():
     # The dashboard covers the fleet's headline metrics.
     for name in ("fleet_devices", "fleet_enrollments_total", "fleet_assignment_duration_seconds_bucket",
                  "fleet_artifact_bytes_sent_total", "fleet_fl_rounds_total", "fleet_fl_updates_rejected_total",
-                 "fleet_variant_accuracy"):
+                 "fleet_variant_accuracy", "fleet_devices_running", "fleet_rung_switches_total"):
         assert name in used, f"the dashboard shows nothing of {name}"
 
 
