@@ -26,17 +26,17 @@ from flwr.app import Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.common.serde import context_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (AcquireTaskRequest, PullAppMessagesRequest,  # pylint: disable=E0611
+                                    PullTaskInputRequest, SendTaskHeartbeatRequest)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
                                                                  make_pull_object_fn_protobuf)
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,6 @@ class ClientAppHost:
         self.address, self.app, self.name = runtime_address, app, name
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._serve, name=f"clientapp {name}", daemon=True)
-        self.tasks_done = 0
 
     def start(self) -> "ClientAppHost":
         self.thread.start()
@@ -101,7 +100,10 @@ class ClientAppHost:
                     continue
                 if res.HasField("task") and res.token:
                     _task.acquired_at = time.time()
-                    self.run_task(res.token)
+                    try:
+                        self.run_task(res.token)
+                    except Exception:  # noqa: BLE001 - one task going wrong must not end the device's FL
+                        log.exception("%s: a task ended badly; taking the next one", self.name)
                 else:
                     self.stopped.wait(POLL_S)
         finally:
@@ -136,7 +138,6 @@ class ClientAppHost:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-            self.tasks_done += 1
 
     @staticmethod
     def _pull_input(client: RuntimeHttpClient):
