@@ -255,8 +255,12 @@ def test_the_open_page_follows_the_fleet_without_a_reload(tmp_path, fleet, synth
         rows = "Array.from(document.querySelectorAll('#devices tr'), tr => Array.from(tr.cells, td => td.textContent))"
         assert wait_until(lambda: browser.evaluate("document.body && document.body.dataset.live") == "1", 60)
         browser.evaluate("window.sameDocument = true")
-        shown = {r[0]: r for r in browser.evaluate(rows)}
-        assert set(shown) == {d.id for d in DEVICES} and all(r[1] == "online" for r in shown.values())
+
+        def first_paint() -> bool:  # the script marks the page live before its first fetch answers
+            shown = {r[0]: r for r in browser.evaluate(rows)}
+            return set(shown) == {d.id for d in DEVICES} and all(r[1] == "online" for r in shown.values())
+
+        assert wait_until(first_paint, 30, every=0.2)
 
         agents[0].stop()  # dev-small leaves (offline) ...
         newcomer = replace(DEVICES[2], id="dev-new")
