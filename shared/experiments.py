@@ -137,7 +137,8 @@ class Direction:
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation, min, max and the values (accuracies in [0, 1])."""
     v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+    # the mean of equal values can round one ulp past them: a table must not show a mean above its max
+    return {"mean": float(np.clip(v.mean(), v.min(), v.max())), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             "min": float(v.min()), "max": float(v.max()), "values": [float(x) for x in v]}
 
 

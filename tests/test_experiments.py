@@ -107,3 +107,12 @@ def test_heatmaps_hold_the_cross_model_each_models_own_and_a_stitched_variants_c
     for m in (large, small, stitched):
         assert np.allclose(np.diag(np.array(m["matrix"], dtype=float)), 1.0)
     assert "stitch" in stitched["rows"]
+
+
+def test_a_spread_of_equal_accuracies_has_that_mean():
+    """The float mean of three equal values can round past them (35/359 x 3 does): a report's mean stays within
+    its min and max."""
+    from shared.experiments import spread
+
+    acc = spread([35 / 359] * 3)
+    assert acc["min"] <= acc["mean"] <= acc["max"] and acc["std"] == pytest.approx(0.0, abs=1e-12)
