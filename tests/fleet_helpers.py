@@ -470,6 +470,26 @@ def install_from_catalog(catalog, variant_id: str, device_dir: Path):
     return manifest
 
 
+def install_ladder_from_catalog(catalog, variant_ids: list[str], device_dir: Path, running: int):
+    """Place a ladder of catalog variants (largest first, each rung's memory need decreasing) the way the agent
+    does, running rung number `running` (0 = the top); returns the rungs as `client.ladder_store` reads them."""
+    from types import SimpleNamespace
+
+    from client.ladder_store import RUNGS_DIR, read_ladder, set_running, write_ladder
+    from shared.artifacts import atomic_write
+
+    rungs = []
+    # the top rung last: current.json is then the top rung's, as the agent leaves it
+    for i, vid in reversed(list(enumerate(variant_ids))):
+        manifest = install_from_catalog(catalog, vid, device_dir)  # blobs, and current.json
+        atomic_write(Path(device_dir) / RUNGS_DIR / f"{manifest.sha256}.json", manifest.to_bytes())
+        rungs.insert(0, SimpleNamespace(variant_id=vid, variant_version=manifest.version,
+                                        manifest_sha256=manifest.sha256, memory_mb=10.0 * (len(variant_ids) - i)))
+    write_ladder(device_dir, rungs)
+    set_running(device_dir, read_ladder(device_dir)[running])
+    return read_ladder(device_dir)
+
+
 def request_count(registry, device_id: str) -> int:
     """Request ids the registry remembers for a device (0 without a row)."""
     row = registry.device(device_id)

@@ -1,6 +1,7 @@
 """The ClientApp hosted in the agent's process (`client.clientapp_host`) against Flower's real SuperLink and
 SuperNodes on loopback: every message of a run is served in this process (no ClientApp process per message, no
-`flower-superexec`), the variant loaded once, and a run of another app release refused without training."""
+`flower-superexec`), the variant loaded once, the rung a device runs trained, and a run of another app release
+refused without training."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from client import clientapp_host, fl_client
 from client.clientapp_host import check_app_bundle
 from client.fl_client import HISTORY
 from client.supernode import SuperNode
-from fleet_helpers import install_from_catalog
+from fleet_helpers import install_from_catalog, install_ladder_from_catalog
 from server.fl_runner import SuperLink, flwr_run
 from shared.catalog import Catalog
 from shared.config import DataConfig, PartitionConfig
@@ -29,13 +30,14 @@ def _history(device_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _run(catalog, tmp_path, rounds: int, devices: int = 2):
-    """A SuperLink and `devices` hosted SuperNodes, all on the catalog's first variant; returns (the run's outcome,
-    the device folders, the names of every process the SuperNodes started)."""
-    variant = catalog.variants[0].id
+def _run(catalog, tmp_path, rounds: int, devices: int = 2, prepare=None):
+    """A SuperLink and `devices` hosted SuperNodes, each device folder made by `prepare(i, folder)` (default: the
+    catalog's first variant installed); returns (the run's outcome, the device folders, the names of every process
+    the SuperNodes started)."""
+    prepare = prepare or (lambda i, folder: install_from_catalog(catalog, catalog.variants[0].id, folder))
     dirs = [tmp_path / f"dev{i}" for i in range(devices)]
-    for d in dirs:
-        install_from_catalog(catalog, variant, d)
+    for i, d in enumerate(dirs):
+        prepare(i, d)
     link = SuperLink(tmp_path / "flower").start()
     nodes = [SuperNode(NodeData(d, DATA, i, devices, PartitionConfig("iid")), link.address, link.security)
              for i, d in enumerate(dirs)]
@@ -73,6 +75,31 @@ def test_every_round_is_served_in_the_agents_process_with_the_variant_loaded_onc
         assert [e["front_cached"] for e in entries] == [False, True]
     # one verified model per device, reused by round 2 (a new process would have loaded it again)
     assert sorted(key[0] for key in fl_client._LOADED) == sorted(str(d) for d in dirs)
+
+
+@pytest.mark.slow
+def test_a_round_trains_the_rung_each_device_runs(tiny_catalog, tmp_path):
+    """Device 0 holds a ladder (the two largest variants) and runs its lower rung; device 1 has the largest variant
+    installed. The server's query sees the running rung, sends that rung's stitch, and its change comes back."""
+    catalog_dir = tmp_path / "catalog"
+    shutil.copytree(tiny_catalog.root, catalog_dir)
+    catalog = Catalog.load(catalog_dir)
+    top, lower = sorted(catalog.variants, key=lambda v: -v.params)[:2]
+
+    def prepare(i, folder):
+        if i == 0:
+            install_ladder_from_catalog(catalog, [top.id, lower.id], folder, running=1)
+        else:
+            install_from_catalog(catalog, top.id, folder)
+
+    outcome, dirs, _ = _run(catalog, tmp_path, rounds=1, prepare=prepare)
+    assert outcome.ok, (outcome, (tmp_path / "run.log").read_text()[-3000:])
+    assert [e["variant_id"] for e in _history(dirs[0])] == [lower.id]
+    assert [e["variant_id"] for e in _history(dirs[1])] == [top.id]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    updates = {r["variant_id"]: r["num_updates"] for r in results["rounds"]}
+    assert updates == {lower.id: 1, top.id: 1}
+    assert _history(dirs[0])[0]["received_sha256"] == catalog.manifest(lower.id).stitch_block().sha256
 
 
 @pytest.mark.slow

@@ -395,26 +395,17 @@ def test_a_rung_whose_manifest_signature_fails_is_refused_with_the_whole_ladder(
 def test_fl_trains_the_running_rung_of_a_real_catalog(tiny_catalog, tmp_path):
     """The ClientApp's training (client/fl_client.local_update) on the rung the device runs: a ladder of two
     variants of the session's real catalog (digits), placed as the agent places it."""
-    from types import SimpleNamespace
-
     from client.fl_client import HISTORY, TrainRequest, local_update
-    from client.ladder_store import RUNGS_DIR, set_running, write_ladder
-    from fleet_helpers import install_from_catalog
-    from shared.artifacts import atomic_write
+    from client.ladder_store import set_running
+    from fleet_helpers import install_ladder_from_catalog
     from shared.config import DataConfig, PartitionConfig
     from shared.node_data import NodeData
 
     top, lower = sorted(tiny_catalog.variants, key=lambda v: -v.params)[:2]
     folder = tmp_path / "dev"
-    rungs = []
-    for rec, need in ((lower, 10.0), (top, 20.0)):
-        manifest = install_from_catalog(tiny_catalog, rec.id, folder)  # blobs, and current.json (top: last)
-        atomic_write(folder / RUNGS_DIR / f"{manifest.sha256}.json", manifest.to_bytes())
-        rungs.insert(0, SimpleNamespace(variant_id=rec.id, variant_version=manifest.version,
-                                        manifest_sha256=manifest.sha256, memory_mb=need))
-    write_ladder(folder, rungs)
-    assert installed_variant(folder)["variant-id"] == top.id  # no choice made yet: the top rung
-    set_running(folder, read_ladder(folder)[1])
+    rungs = install_ladder_from_catalog(tiny_catalog, [top.id, lower.id], folder, running=0)
+    assert installed_variant(folder)["variant-id"] == top.id
+    set_running(folder, rungs[1])
     assert installed_variant(folder) == {"variant-id": lower.id, "version": 1}
 
     node = NodeData(folder, DataConfig(dataset="digits", image_size=32, channels=1), 0, 4, PartitionConfig())
