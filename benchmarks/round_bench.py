@@ -191,10 +191,11 @@ def main() -> None:
     # The same hosted device alone: without the per-message processes above starting (and importing torch) on
     # the same cores at the moment it pulls its task, as on a device that runs one SuperNode.
     shutil.rmtree(out / "deploy-alone", ignore_errors=True)
-    rows += [[f"{r[0]}, alone", *r[1:]] for r in deployment(cfg, catalog, out / "deploy-alone", args.rounds, NODES[-1:])]
+    alone = deployment(cfg, catalog, out / "deploy-alone", args.rounds, NODES[-1:])
+    rows += [[f"{r[0]}, alone", *r[1:]] for r in alone]
     rows.append(simulation(args.config, out / "catalog", out / "sim", args.rounds))
-    print(format_table(["ClientApp", "start (new process / task pull)", "turn", "imports", "load", "front pass", "training",
-                        "outside / training", "processes / rounds"], rows))
+    print(format_table(["ClientApp", "start (new process / task pull)", "turn", "imports", "load", "front pass",
+                        "training", "outside / training", "processes / rounds"], rows))
     print("(rounds after the first for the cached rows; every round for `no cache`. Not counted: the executor's "
           f"polling for a task, up to {POLL_S}s hosted, up to 1s with Flower's superexec)")
     if args.skip_demo:

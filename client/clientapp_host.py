@@ -39,6 +39,8 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from shared.errors import RestnetError
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "restnet-fleet"  # [project] name in pyproject.toml: the bundle's id is "<publisher>/<name>"
@@ -66,7 +68,7 @@ def check_app_bundle(fab_id: str, fab_version: str) -> None:
     release of ours, whose messages may differ) is refused rather than run with the wrong code."""
     ours = version(APP_NAME)
     if fab_id.split("/")[-1] != APP_NAME or fab_version != ours:
-        raise RuntimeError(f"the run's app is {fab_id} {fab_version}; this device runs {APP_NAME} {ours}: "
+        raise RestnetError(f"the run's app is {fab_id} {fab_version}; this device runs {APP_NAME} {ours}",
                            "run the same restnet-fleet release on the server and the devices")
 
 
@@ -124,7 +126,7 @@ class ClientAppHost:
             reply = self.app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # noqa: BLE001 - any failure of the app is the task's failure, not the host's
-            log.error("%s: ClientApp task failed: %s", self.name, exc, exc_info=not isinstance(exc, RuntimeError))
+            log.error("%s: ClientApp task failed: %s", self.name, exc, exc_info=not isinstance(exc, RestnetError))
             details = f"{type(exc)}:<'{exc}'>"
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.clientapp_host import ClientAppHost
+from client.fl_client import app, installed_variant
 from shared.artifacts import atomic_write
 from shared.flower_link import LinkSecurity
 from shared.node_data import NodeData
@@ -90,8 +91,6 @@ class SuperNode:
                                       env={"FLWR_HOME": str(device_dir / "flwr")}, ports=(self.port,))
         self.process.start()
         if self.hosted and self.host is None:
-            from client.fl_client import app
-
             self.host = ClientAppHost(self.runtime_address, app, device_dir.name).start()
         if wait:
             self.wait_ready()
@@ -149,8 +148,6 @@ class SuperNodeManager:
         self.stopped = False
 
     def on_installed(self, device_dir: Path) -> None:
-        from client.fl_client import installed_variant
-
         device_dir = Path(device_dir)
         variant = installed_variant(device_dir)["variant-id"]
         with self.lock:

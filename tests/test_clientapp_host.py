@@ -19,6 +19,7 @@ from fleet_helpers import install_from_catalog, install_ladder_from_catalog
 from server.fl_runner import SuperLink, flwr_run
 from shared.catalog import Catalog
 from shared.config import DataConfig, PartitionConfig
+from shared.errors import RestnetError
 from shared.node_data import NodeData
 
 DATA = DataConfig(dataset="digits", image_size=32, channels=1)
@@ -118,7 +119,7 @@ def test_the_app_bundle_must_be_this_release_of_ours():
 
     ours = version("restnet-fleet")
     check_app_bundle("restnet-fleet/restnet-fleet", ours)
-    with pytest.raises(RuntimeError, match="this device runs restnet-fleet"):
+    with pytest.raises(RestnetError, match="this device runs restnet-fleet"):
         check_app_bundle("someone/other-app", ours)
-    with pytest.raises(RuntimeError, match="same restnet-fleet release"):
+    with pytest.raises(RestnetError, match="same restnet-fleet release"):
         check_app_bundle("restnet-fleet/restnet-fleet", ours + ".post1")
